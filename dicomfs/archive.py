@@ -1,0 +1,320 @@
+"""The read-through cache: answer from the store when possible, from the server when needed.
+
+This is where "nothing immutable is fetched twice" is kept: listings live in
+memory for a TTL and on disk for offline use, metadata and instances go to the
+store once verified, and concurrent requests for the same entry share one
+download. Nothing unverified ever reaches the store, so nothing unverified is
+ever served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import cachetools
+import pydicom
+import trio
+from pydicom.errors import InvalidDicomError
+
+from dicomfs import dicomjson
+from dicomfs.client import DicomwebClient, Query
+from dicomfs.dicomjson import Dataset
+from dicomfs.errors import (
+    DicomfsError,
+    IntegrityError,
+    ProtocolError,
+    ServerError,
+    Timeout,
+    Truncated,
+    Unreachable,
+)
+from dicomfs.multipart import PartData, PartStart
+from dicomfs.store import Blob, Key, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Failures that mean "the server cannot answer this now": cached data may stand in.
+OFFLINE_ERRORS = (Unreachable, Timeout, ServerError)
+IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff"}
+MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
+
+
+class _Flight:
+    """One download in progress; everyone who wants the same entry waits on it."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+def verify_instance(path: Path, key: Key) -> None:
+    """Raise IntegrityError unless ``path`` is DICOM Part 10 carrying the SOP UID asked for.
+
+    Runs in a worker thread: parsing a header is CPU work the FUSE loop must not wait on.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPInstanceUID"])
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        raise IntegrityError(f"instance {key.instance} is not DICOM Part 10: {exc}") from None
+    meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
+    found = str(ds.get("SOPInstanceUID", "") or meta_uid or "")
+    if found != key.instance:
+        raise IntegrityError(f"asked for instance {key.instance}, got {found[:64]!r}")
+
+
+def count_instances(raw: bytes) -> int:
+    """How many distinct instances a metadata answer describes."""
+    datasets = dicomjson.load_array(raw, what="metadata")
+    return len({dicomjson.uid(ds, dicomjson.SOP_UID) for ds in datasets} - {None})
+
+
+class Archive:
+    """The server as seen through the cache. All methods are trio-async."""
+
+    def __init__(self, client: DicomwebClient, store: Store, *, listing_ttl: float = 60.0,
+                 retries: int = 3, deadline: float = 120.0) -> None:
+        self.client = client
+        self.store = store
+        self.listing_ttl = listing_ttl
+        self.retries = retries
+        self.deadline = deadline
+        self._listings: cachetools.TTLCache[str, list[Dataset]] = cachetools.TTLCache(
+            maxsize=100_000, ttl=listing_ttl)
+        self._flights: dict[object, _Flight] = {}
+        self._metadata_counts: dict[Key, int] = {}
+        self._offline_since: float | None = None
+
+    # -- listings (QIDO-RS) ---------------------------------------------------------
+
+    async def studies(self, query: Query = ()) -> list[Dataset]:
+        items = sorted(dict(query).items()) if query else []
+        return await self._listing(f"studies?{items}",
+                                   lambda: self.client.search_studies(items))
+
+    async def series(self, study: str) -> list[Dataset]:
+        return await self._listing(f"series/{study}",
+                                   lambda: self.client.search_series(study))
+
+    async def instances(self, study: str, series: str) -> list[Dataset]:
+        return await self._listing(f"instances/{study}/{series}",
+                                   lambda: self.client.search_instances(study, series))
+
+    async def find_study(self, study: str) -> Dataset | None:
+        """One study by UID, also one that a server's result cap hides from the full list."""
+        found = await self._listing(
+            f"study/{study}",
+            lambda: self.client.search_studies({"StudyInstanceUID": study}))
+        return next((ds for ds in found if dicomjson.uid(ds, dicomjson.STUDY_UID) == study),
+                    None)
+
+    async def find_series(self, study: str, series: str) -> Dataset | None:
+        found = await self._listing(
+            f"series/{study}/{series}",
+            lambda: self.client.search_series(study, {"SeriesInstanceUID": series}))
+        return next((ds for ds in found
+                     if dicomjson.uid(ds, dicomjson.SERIES_UID) == series), None)
+
+    async def _listing(self, name: str,
+                       fetch: Callable[[], Awaitable[list[Dataset]]]) -> list[Dataset]:
+        """A listing from memory, from a young saved copy, or from the server.
+
+        When the server cannot be reached, an older saved copy of any age stands in:
+        a stale listing of immutable studies is far more useful than none.
+        """
+        cached = self._listings.get(name)
+        if cached is not None:
+            return cached
+        saved = self.store.load_listing(name)
+        if saved is not None and saved[1] < self.listing_ttl:
+            result = dicomjson.load_array(saved[0], what="saved listing")
+            self._listings[name] = result
+            return result
+        flight_key = ("listing", name)
+        try:
+            await self._single_flight(flight_key, lambda: self._fetch_listing(name, fetch))
+        except OFFLINE_ERRORS as exc:
+            if saved is None:
+                raise
+            log.warning("serving a saved listing (%s)", exc)
+            result = dicomjson.load_array(saved[0], what="saved listing")
+            self._listings[name] = result
+            return result
+        return self._listings.get(name) or []
+
+    async def _fetch_listing(self, name: str,
+                             fetch: Callable[[], Awaitable[list[Dataset]]]) -> None:
+        result = await self._guarded(fetch)
+        self._listings[name] = result
+        self.store.save_listing(name, json.dumps(result).encode())
+
+    # -- metadata (WADO-RS) ---------------------------------------------------------
+
+    async def metadata(self, study: str, series: str | None = None, *,
+                       expected: int | None = None) -> Blob:
+        """Study or series metadata as the server sent it, fetched again when stale.
+
+        A study still receiving instances changes its metadata: when QIDO's instance
+        count (``expected``) differs from what the cached copy describes, it is refetched.
+        """
+        key = Key(study, series)
+        blob = self.store.open(key)
+        if blob is not None and expected is not None and \
+                await self._cached_count(key, blob) != expected:
+            log.info("metadata of %s is stale (instance count changed); fetching again",
+                     series or study)
+            blob.close()
+            blob = None
+        if blob is not None:
+            return blob
+        try:
+            await self._single_flight(key, lambda: self._fetch_metadata(key))
+        except OFFLINE_ERRORS as exc:
+            stale = self.store.open(key)
+            if stale is None:
+                raise
+            log.warning("metadata of %s: serving the cached copy (%s)", series or study, exc)
+            return stale
+        return await self._open_filled(key)
+
+    async def _cached_count(self, key: Key, blob: Blob) -> int:
+        if key not in self._metadata_counts:
+            raw = await trio.to_thread.run_sync(_read_all, blob)
+            self._metadata_counts[key] = await trio.to_thread.run_sync(count_instances, raw)
+        return self._metadata_counts[key]
+
+    async def _fetch_metadata(self, key: Key) -> None:
+        if key.series is None:
+            raw = await self._guarded(lambda: self.client.study_metadata(key.study))
+        else:
+            raw = await self._guarded(
+                lambda: self.client.series_metadata(key.study, key.series or ""))
+        self._metadata_counts[key] = await trio.to_thread.run_sync(count_instances, raw)
+        self.store.put_bytes(key, raw)
+
+    # -- instances and rendered images ----------------------------------------------
+
+    async def instance(self, study: str, series: str, instance: str) -> Blob:
+        """The instance's stored bytes, from the cache or downloaded and verified first."""
+        key = Key(study, series, instance, "dcm")
+        blob = self.store.open(key)
+        if blob is not None:
+            return blob
+        await self._single_flight(key, lambda: self._guarded(lambda: self._download(key)))
+        return await self._open_filled(key)
+
+    async def rendered(self, study: str, series: str, instance: str, fmt: str) -> Blob:
+        """A rendered PNG or JPEG of the instance, cached like any other entry."""
+        key = Key(study, series, instance, fmt)
+        blob = self.store.open(key)
+        if blob is not None:
+            return blob
+        await self._single_flight(key, lambda: self._fetch_rendered(key))
+        return await self._open_filled(key)
+
+    async def _fetch_rendered(self, key: Key) -> None:
+        data = await self._guarded(lambda: self.client.rendered(
+            key.study, key.series or "", key.instance or "", media_type=MEDIA_TYPES[key.kind]))
+        if not data.startswith(IMAGE_MAGIC[key.kind]):
+            raise IntegrityError(f"rendered {key.kind} of {key.instance} is not a {key.kind}")
+        self.store.put_bytes(key, data)
+
+    async def _download(self, key: Key) -> None:
+        """Fetch one instance into the store; a transfer cut short is fetched again."""
+        for attempt in range(self.retries + 1):
+            writer = self.store.writer()
+            try:
+                async with self.client.retrieve(key.study, key.series,
+                                                key.instance) as events:
+                    parts = 0
+                    async for event in events:
+                        if isinstance(event, PartStart):
+                            parts += 1
+                            if parts > 1:
+                                raise ProtocolError("an instance answer with several parts")
+                        elif isinstance(event, PartData):
+                            writer.write(event.data)
+                if parts == 0:
+                    raise ProtocolError("an instance answer with no part")
+                await trio.to_thread.run_sync(verify_instance, writer.path, key)
+                self.store.commit(writer, key)
+                return
+            except Truncated as exc:
+                writer.abort()
+                if attempt >= self.retries:
+                    raise
+                log.warning("instance %s: %s; fetching again", key.instance, exc)
+            except BaseException:
+                writer.abort()
+                raise
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _open_filled(self, key: Key) -> Blob:
+        blob = self.store.open(key)
+        if blob is None:  # evicted between fill and open, e.g. by another mount
+            await self._single_flight(key, lambda: self._refill(key))
+            blob = self.store.open(key)
+        if blob is None:
+            raise DicomfsError(f"{key.relpath()} vanished from the cache right after filling")
+        return blob
+
+    async def _refill(self, key: Key) -> None:
+        if key.kind == "dcm":
+            await self._guarded(lambda: self._download(key))
+        elif key.kind == "metadata":
+            await self._fetch_metadata(key)
+        else:
+            await self._fetch_rendered(key)
+
+    async def _single_flight(self, key: object, work: Callable[[], Awaitable[object]]) -> None:
+        """Run ``work`` once for everyone who asks for ``key`` while it runs."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return
+        flight = self._flights[key] = _Flight()
+        try:
+            await work()
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    async def _guarded(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Bound one fetch by the deadline and keep track of whether the server answers."""
+        try:
+            with trio.fail_after(self.deadline):
+                result = await work()
+        except trio.TooSlowError:
+            exc = Timeout(f"no complete answer within {self.deadline:g} s")
+            self._note_offline(exc)
+            raise exc from None
+        except (Unreachable, Timeout) as exc:
+            self._note_offline(exc)
+            raise
+        if self._offline_since is not None:
+            log.warning("server reachable again after %.0f s",
+                        time.monotonic() - self._offline_since)
+            self._offline_since = None
+        return result
+
+    def _note_offline(self, exc: BaseException) -> None:
+        if self._offline_since is None:
+            self._offline_since = time.monotonic()
+            log.error("server unreachable (%s); serving what is cached", exc)
+
+
+def _read_all(blob: Blob) -> bytes:
+    return os.pread(blob.fd, blob.size, 0)

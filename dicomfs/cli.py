@@ -1,0 +1,240 @@
+"""The command line: ``dicomfs mount``, ``unmount``, ``cache`` and ``prefetch``.
+
+Also the FUSE helper form, so ``mount -t fuse.dicomfs URL DIR -o opts`` and
+``/etc/fstab`` work: mount.fuse3 runs ``dicomfs URL DIR -o opts``, which is
+read as ``dicomfs mount``, with our own settings accepted as ``-o`` options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicomfs import __version__
+from dicomfs.client import ClientConfig
+from dicomfs.store import server_folder_name
+
+COMMANDS = {"mount", "unmount", "cache", "prefetch", "-h", "--help", "--version"}
+# Options mount(8) and mount.fuse3 hand to a helper that mean nothing to a read-only FUSE mount.
+IGNORED_MOUNT_OPTIONS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
+                         "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+                         "defaults", "atime", "noatime", "relatime"}
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dicomfs"
+
+
+def parse_size(text: str) -> int:
+    """'10G', '500MiB', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G or 500M)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+def positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
+
+
+def url(text: str) -> str:
+    if not re.match(r"https?://[^/]", text):
+        raise argparse.ArgumentTypeError(
+            f"not an http(s) URL: {text!r} (e.g. http://pacs:8042/dicom-web)")
+    return text.rstrip("/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicomfs", description="Mount a DICOMweb server as a read-only folder.")
+    parser.add_argument("--version", action="version", version=f"dicomfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser("mount", help="mount a DICOMweb server",
+                                description="Mount a DICOMweb server at MOUNTPOINT. Returns "
+                                "once the mount is ready; it runs in the background.")
+    mount.add_argument("url", type=url, metavar="URL", help="DICOMweb root, e.g. "
+                       "http://127.0.0.1:8042/dicom-web")
+    mount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    _cache_dir_option(mount)
+    mount.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
+                       metavar="SIZE", help="bound of the disk cache (default 10G)")
+    mount.add_argument("--listing-ttl", type=positive(float), default=60.0, metavar="SECONDS",
+                       help="how long a folder listing is reused (default 60)")
+    mount.add_argument("-f", "--foreground", action="store_true",
+                       help="stay attached and log to stderr")
+    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                       help="FUSE mount options, comma separated (allow_other, ...)")
+    mount.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    mount.add_argument("--log-file", type=Path, metavar="FILE",
+                       help="log here (default: stderr in the foreground, else mount.log "
+                       "in the server's cache folder)")
+    mount.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
+                       help="longest wait for the next bytes of an answer (default 30)")
+    mount.add_argument("--connect-timeout", type=positive(float), default=10.0,
+                       metavar="SECONDS", help="longest wait for a connection (default 10)")
+    mount.add_argument("--deadline", type=positive(float), default=120.0, metavar="SECONDS",
+                       help="longest a single file fetch may take, retries included "
+                       "(default 120)")
+    mount.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="retries of a failed request (default 3)")
+    mount.add_argument("--max-connections", type=positive(int), default=8, metavar="N",
+                       help="parallel connections to the server (default 8)")
+    mount.add_argument("--page-size", type=positive(int), default=1000, metavar="N",
+                       help="QIDO page size (limit) (default 1000)")
+    mount.add_argument("--qido-url", type=url, metavar="URL",
+                       help="QIDO-RS root, when it differs from URL")
+    mount.add_argument("--wado-url", type=url, metavar="URL",
+                       help="WADO-RS root, when it differs from URL")
+    mount.add_argument("--single-part", action="store_true",
+                       help="ask for instances as single-part application/dicom")
+    mount.add_argument("--transfer-syntax", default="*", metavar="UID",
+                       help="transfer syntax to ask for (default *: as stored)")
+    mount.add_argument("--uid", type=int, help="owner of every file (default: you)")
+    mount.add_argument("--gid", type=int, help="group of every file (default: yours)")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    unmount = commands.add_parser("unmount", help="unmount a dicomfs mount")
+    unmount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+
+    cache = commands.add_parser("cache", help="inspect or clear the disk cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True,
+                                          metavar="ACTION")
+    info = cache_commands.add_parser("info", help="size and entries per server")
+    _cache_dir_option(info)
+    clear = cache_commands.add_parser("clear", help="delete cached data")
+    _cache_dir_option(clear)
+    clear.add_argument("url", type=url, nargs="?", metavar="URL",
+                       help="only this server's data (default: all)")
+    return parser
+
+
+def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), metavar="DIR",
+                        help="cache folder (default $XDG_CACHE_HOME/dicomfs)")
+
+
+def fuse_helper_argv(argv: list[str]) -> list[str]:
+    """Read ``dicomfs URL DIR -o a,b=c`` (mount.fuse3's form) as ``dicomfs mount ...``.
+
+    Our own settings may come as ``-o cache_dir=/x``; mount(8)'s generic options
+    are dropped; everything else is left for FUSE.
+    """
+    if not argv or argv[0] in COMMANDS:
+        return argv
+    result = ["mount"]
+    words = iter(argv)
+    for word in words:
+        if word != "-o":
+            result.append(word)
+            continue
+        fuse: list[str] = []
+        for option in next(words, "").split(","):
+            name, _, value = option.partition("=")
+            if name in IGNORED_MOUNT_OPTIONS or not name:
+                continue
+            if name.replace("_", "-") in OWN_OPTIONS:
+                result += [f"--{name.replace('_', '-')}"] + ([value] if value else [])
+            else:
+                fuse.append(option)
+        if fuse:
+            result += ["-o", ",".join(fuse)]
+    return result
+
+
+OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file", "timeout",
+               "connect-timeout", "deadline", "retries", "max-connections", "page-size",
+               "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid"}
+
+
+def setup_logging(level: str, log_file: Path | None) -> None:
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    if level != "debug":
+        # httpx logs every request URL at INFO; a query URL can carry patient IDs.
+        for noisy in ("httpx", "httpcore", "hpack"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
+    from dicomfs import mount
+
+    if not args.mountpoint.is_dir():
+        print(f"dicomfs: mount point {args.mountpoint} is not a folder", file=sys.stderr)
+        return 2
+    if not args.foreground:
+        log_file = args.log_file or (args.cache_dir / server_folder_name(args.url) / "mount.log")
+        return mount.start_background([*argv, "--log-file", str(log_file)], log_file)
+    setup_logging(args.log_level, args.log_file)
+    fuse_options = [o for group in args.options for o in group.split(",") if o]
+    options = mount.MountOptions(
+        client=ClientConfig(
+            base_url=args.url, qido_url=args.qido_url, wado_url=args.wado_url,
+            timeout=args.timeout, connect_timeout=args.connect_timeout,
+            max_connections=args.max_connections, page_size=args.page_size,
+            retries=args.retries, single_part=args.single_part,
+            transfer_syntax=args.transfer_syntax),
+        mountpoint=args.mountpoint.resolve(), cache_dir=args.cache_dir.resolve(),
+        cache_size=args.cache_size, listing_ttl=args.listing_ttl, deadline=args.deadline,
+        fuse_options=fuse_options, uid=args.uid, gid=args.gid)
+    return mount.run_foreground(options, ready_fd=args.ready_fd)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from dicomfs import store
+
+    if args.cache_command == "clear":
+        removed = store.clear(args.cache_dir, args.url)
+        print(f"removed {removed} server cache(s) from {args.cache_dir}")
+        return 0
+    servers = store.summarize(args.cache_dir)
+    print(f"cache folder: {args.cache_dir}")
+    if not servers:
+        print("empty")
+    for server in servers:
+        print(f"{server.url}\n  {server.folder}\n  {_human(server.bytes)} in "
+              f"{server.entries} entries, {server.listings} saved listings")
+    print(f"total: {_human(sum(s.bytes for s in servers))}")
+    return 0
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = fuse_helper_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    if args.command == "mount":
+        return run_mount(args, argv)
+    if args.command == "unmount":
+        from dicomfs.mount import unmount
+
+        return unmount(args.mountpoint)
+    if args.command == "cache":
+        return run_cache(args)
+    return 2

@@ -1,0 +1,374 @@
+"""The DICOMweb client: QIDO-RS searches, WADO-RS metadata, retrieve and rendered.
+
+It speaks HTTP and DICOMweb and nothing else: no FUSE, no disk. Every answer
+that carries instances is streamed through the multipart parser as events, so
+a series is never held in memory. Failures surface as the typed errors of
+:mod:`dicomfs.errors`, whatever httpx raised underneath.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from dicomfs import __version__, dicomjson
+from dicomfs.dicomjson import Dataset
+from dicomfs.errors import (
+    BadRequest,
+    DicomwebError,
+    NotFound,
+    ProtocolError,
+    ServerError,
+    Timeout,
+    Truncated,
+    Unauthorized,
+    Unreachable,
+)
+from dicomfs.multipart import Event, PartData, PartEnd, PartStart, iter_events, parse_content_type
+from dicomfs.uids import check_uid
+
+log = logging.getLogger(__name__)
+
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+USER_AGENT = f"dicomfs/{__version__}"
+MAX_JSON_BYTES = 512 * 1024 * 1024
+MAX_ERROR_TEXT = 500
+
+# QIDO return keys worth asking for: they name, date and size the files we show.
+INSTANCE_FIELDS = (
+    dicomjson.INSTANCE_NUMBER, dicomjson.CREATION_DATE, dicomjson.CREATION_TIME,
+    dicomjson.NUMBER_OF_FRAMES, dicomjson.ROWS, dicomjson.COLUMNS,
+    dicomjson.BITS_ALLOCATED, dicomjson.SAMPLES_PER_PIXEL,
+)
+SERIES_FIELDS = (dicomjson.SERIES_DATE, dicomjson.SERIES_TIME)
+
+Query = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How to reach and talk to one DICOMweb server."""
+
+    base_url: str
+    qido_url: str | None = None
+    wado_url: str | None = None
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_connections: int = 8
+    page_size: int = 1000
+    retries: int = 3
+    single_part: bool = False
+    transfer_syntax: str = "*"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    auth: httpx.Auth | None = None
+    verify: bool | str = True
+    cert: str | None = None
+
+
+def _status_error(status: int, message: str, url: str,
+                  retry_after: str | None = None) -> DicomwebError:
+    """Map an HTTP status to the error type callers act on."""
+    kind: type[DicomwebError]
+    if status in (404, 410):
+        kind = NotFound
+    elif status in (401, 403):
+        kind = Unauthorized
+    elif status >= 500 or status in (408, 429):
+        kind = ServerError
+    else:
+        kind = BadRequest
+    return kind(f"HTTP {status}: {message}" if message else f"HTTP {status}", status=status,
+                url=url, retry_after=retry_after)
+
+
+@contextmanager
+def _translated(url: str) -> Any:
+    """Turn httpx's exceptions into ours, so no caller needs to know httpx."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise Timeout(f"timed out: {type(exc).__name__}", url=url) from exc
+    except httpx.ConnectError as exc:
+        raise Unreachable(f"cannot connect: {exc}", url=url) from exc
+    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        raise Truncated(f"connection broke mid-answer: {exc}", url=url) from exc
+    except httpx.DecodingError as exc:
+        raise ProtocolError(f"undecodable answer: {exc}", url=url) from exc
+    except httpx.TransportError as exc:
+        raise Unreachable(f"transport error: {exc}", url=url) from exc
+
+
+def _retryable(exc: DicomwebError) -> bool:
+    return isinstance(exc, ServerError | Timeout | Unreachable | Truncated)
+
+
+class DicomwebClient:
+    """An async DICOMweb client over one pooled httpx connection set.
+
+    Use as ``async with DicomwebClient(config) as client:``. Safe to share
+    between tasks: httpx pools and bounds the connections.
+    """
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        base = config.base_url.rstrip("/")
+        self._qido = (config.qido_url or base).rstrip("/")
+        self._wado = (config.wado_url or base).rstrip("/")
+        limits = httpx.Limits(max_connections=config.max_connections,
+                              max_keepalive_connections=config.max_connections)
+        timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
+        self._http = httpx.AsyncClient(
+            headers={"User-Agent": USER_AGENT, **config.headers}, auth=config.auth,
+            timeout=timeout, limits=limits, verify=config.verify, cert=config.cert,
+            follow_redirects=True,
+        )
+
+    async def __aenter__(self) -> DicomwebClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def _send(self, url: str, *, accept: str,
+                    params: list[tuple[str, str]] | None = None) -> httpx.Response:
+        """Send a GET and return the open response once its status is good.
+
+        Retries cover the request up to its status line; a body that breaks later
+        is the caller's to fetch again, since only it knows what it has consumed.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self._send_once(url, accept=accept, params=params)
+            except DicomwebError as exc:
+                if not _retryable(exc) or attempt >= self.config.retries:
+                    raise
+                delay = self._backoff(attempt, exc)
+                attempt += 1
+                log.warning("retrying in %.1fs (%d/%d) after: %s", delay, attempt,
+                            self.config.retries, exc)
+                await trio.sleep(delay)
+
+    async def _send_once(self, url: str, *, accept: str,
+                         params: list[tuple[str, str]] | None) -> httpx.Response:
+        with _translated(url):
+            request = self._http.build_request("GET", url, params=params,
+                                               headers={"Accept": accept})
+            response = await self._http.send(request, stream=True)
+        if response.status_code < 400:
+            return response
+        try:
+            with _translated(url):
+                body = await response.aread()
+        finally:
+            await response.aclose()
+        message = body[:MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
+        raise _status_error(response.status_code, message, url,
+                            response.headers.get("Retry-After"))
+
+    @staticmethod
+    def _backoff(attempt: int, exc: DicomwebError) -> float:
+        """Exponential backoff with full jitter; a server's Retry-After wins if sane."""
+        if exc.retry_after and exc.retry_after.isdigit():
+            return min(float(exc.retry_after), 30.0)
+        return random.uniform(0, min(0.25 * 2**attempt, 8.0))
+
+    async def _get_bytes(self, url: str, *, accept: str,
+                         params: list[tuple[str, str]] | None = None,
+                         limit: int = MAX_JSON_BYTES) -> tuple[bytes, httpx.Headers]:
+        """A whole (bounded) body; a broken body is retried like a failed request."""
+        attempt = 0
+        while True:
+            response = await self._send(url, accept=accept, params=params)
+            try:
+                chunks: list[bytes] = []
+                size = 0
+                with _translated(url):
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > limit:
+                            raise ProtocolError(f"answer larger than {limit} bytes", url=url)
+                        chunks.append(chunk)
+                return b"".join(chunks), response.headers
+            except Truncated:
+                if attempt >= self.config.retries:
+                    raise
+                attempt += 1
+                log.warning("answer cut short, fetching again (%d/%d)", attempt,
+                            self.config.retries)
+            finally:
+                await response.aclose()
+
+    # -- QIDO-RS --------------------------------------------------------------------
+
+    async def search_studies(self, query: Query = (), *,
+                             fields: Iterable[str] = ()) -> list[Dataset]:
+        """All studies matching ``query``, every page."""
+        return await self._search("/studies", dicomjson.STUDY_UID, query, fields)
+
+    async def search_series(self, study: str, query: Query = (), *,
+                            fields: Iterable[str] = SERIES_FIELDS) -> list[Dataset]:
+        """All series of a study matching ``query``."""
+        return await self._search(f"/studies/{check_uid(study)}/series",
+                                  dicomjson.SERIES_UID, query, fields)
+
+    async def search_instances(self, study: str, series: str, query: Query = (), *,
+                               fields: Iterable[str] = INSTANCE_FIELDS) -> list[Dataset]:
+        """All instances of a series matching ``query``."""
+        path = f"/studies/{check_uid(study)}/series/{check_uid(series)}/instances"
+        return await self._search(path, dicomjson.SOP_UID, query, fields)
+
+    async def _search(self, path: str, key: str, query: Query,
+                      fields: Iterable[str]) -> list[Dataset]:
+        """Page through a search until a short or empty page; de-duplicate by UID.
+
+        Servers cap pages silently or with a ``Warning`` header, so a page is
+        short only when it is shorter than what the server has shown it returns;
+        a page with nothing new ends the walk whatever the server claims.
+        """
+        items = query.items() if isinstance(query, Mapping) else query
+        base = [(str(k), str(v)) for k, v in items]
+        fields = list(fields)
+        if fields:
+            base.append(("includefield", ",".join(fields)))
+        url = self._qido + path
+        limit = self.config.page_size
+        found: dict[str, Dataset] = {}
+        offset = 0
+        while True:
+            params = [*base, ("limit", str(limit)), ("offset", str(offset))]
+            body, headers = await self._get_bytes(url, accept="application/dicom+json",
+                                                  params=params)
+            page = dicomjson.load_array(body, what=f"QIDO {path}")
+            warning = headers.get("Warning")
+            if warning:
+                log.warning("QIDO %s: server warns %r", path, warning[:200])
+            new = 0
+            for dataset in page:
+                uid = dicomjson.uid(dataset, key)
+                if uid is None:
+                    log.warning("QIDO %s: skipped an entry without a valid UID", path)
+                elif uid not in found:
+                    found[uid] = dataset
+                    new += 1
+            if not page or new == 0:
+                break
+            if len(page) < limit:
+                if not warning:
+                    break
+                limit = len(page)  # the server capped the page: ask for what it gives
+            offset += len(page)
+        return list(found.values())
+
+    # -- WADO-RS ----------------------------------------------------------------------
+
+    async def study_metadata(self, study: str) -> bytes:
+        """WADO-RS metadata of a study: the raw JSON bytes as the server sent them."""
+        return await self._metadata(f"/studies/{check_uid(study)}/metadata")
+
+    async def series_metadata(self, study: str, series: str) -> bytes:
+        """WADO-RS metadata of a series: the raw JSON bytes as the server sent them."""
+        return await self._metadata(
+            f"/studies/{check_uid(study)}/series/{check_uid(series)}/metadata")
+
+    async def _metadata(self, path: str) -> bytes:
+        body, _ = await self._get_bytes(self._wado + path, accept="application/dicom+json")
+        return body
+
+    def _retrieve_accept(self, single_part: bool) -> str:
+        syntax = f"transfer-syntax={self.config.transfer_syntax}"
+        if single_part:
+            return f"application/dicom; {syntax}"
+        return f"{MULTIPART_DICOM}; {syntax}"
+
+    @asynccontextmanager
+    async def retrieve(self, study: str, series: str | None = None,
+                       instance: str | None = None) -> AsyncIterator[AsyncIterator[Event]]:
+        """Stream a study, series or instance as multipart events.
+
+        ``async with client.retrieve(s, se, i) as events: async for event in events``.
+        Parts arrive as PartStart, PartData..., PartEnd; a stream that ends early
+        raises Truncated, so a part that got its PartEnd is complete.
+        """
+        path = f"/studies/{check_uid(study)}"
+        if series is not None:
+            path += f"/series/{check_uid(series)}"
+            if instance is not None:
+                path += f"/instances/{check_uid(instance)}"
+        url = self._wado + path
+        single = self.config.single_part and instance is not None
+        try:
+            response = await self._send(url, accept=self._retrieve_accept(single))
+        except BadRequest as exc:
+            # Some servers speak only one of the two forms for single instances.
+            if instance is None or exc.status not in (400, 406, 415):
+                raise
+            response = await self._send(url, accept=self._retrieve_accept(not single))
+        try:
+            yield self._events(response, url)
+        finally:
+            await response.aclose()
+
+    async def _events(self, response: httpx.Response, url: str) -> AsyncIterator[Event]:
+        content_type = response.headers.get("Content-Type", "")
+        media, params = parse_content_type(content_type)
+        with _translated(url):
+            if media == "multipart/related":
+                boundary = params.get("boundary")
+                if not boundary:
+                    raise ProtocolError("multipart answer without a boundary", url=url)
+                async for event in iter_events(response.aiter_bytes(), boundary):
+                    yield event
+            elif media == "application/dicom":
+                async for event in _single_part(response, content_type, url):
+                    yield event
+            else:
+                raise ProtocolError(f"unexpected content type {content_type[:100]!r}", url=url)
+
+    async def rendered(self, study: str, series: str, instance: str, *,
+                       media_type: str = "image/png", frame: int | None = None) -> bytes:
+        """A rendered PNG or JPEG of an instance, or of one frame (numbered from 1)."""
+        path = (f"/studies/{check_uid(study)}/series/{check_uid(series)}"
+                f"/instances/{check_uid(instance)}")
+        if frame is not None:
+            path += f"/frames/{int(frame)}"
+        body, headers = await self._get_bytes(self._wado + path + "/rendered",
+                                              accept=media_type)
+        got, _ = parse_content_type(headers.get("Content-Type", media_type))
+        if got != media_type:
+            raise ProtocolError(f"asked for {media_type}, got {got}")
+        return body
+
+    async def probe(self) -> None:
+        """One cheap QIDO request, to fail fast on a wrong URL or wrong credentials."""
+        await self._get_bytes(self._qido + "/studies", accept="application/dicom+json",
+                              params=[("limit", "1")])
+
+
+async def _single_part(response: httpx.Response, content_type: str,
+                       url: str) -> AsyncIterator[Event]:
+    """A single-part ``application/dicom`` answer, presented as one multipart part."""
+    headers = {"content-type": content_type}
+    declared = response.headers.get("Content-Length")
+    if declared is not None:
+        headers["content-length"] = declared
+    yield PartStart(headers)
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        yield PartData(chunk)
+    if declared is not None and declared.isdigit() and size != int(declared):
+        raise Truncated(f"got {size} of {declared} bytes", url=url)
+    yield PartEnd()

@@ -1,0 +1,185 @@
+"""The FUSE adapter: kernel requests in, tree calls out.
+
+Thin on purpose: it translates nodes to attributes and exceptions to errnos,
+keeps open file and folder handles, and refuses every write with EROFS. What a
+path means lives in :mod:`dicomfs.tree`.
+
+pyfuse3 lets any exception other than FUSEError escape into its main loop and
+end the mount, so every handler goes through :func:`_errno`.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from dicomfs.errors import DicomfsError, NotFound, Unauthorized
+from dicomfs.store import Blob
+from dicomfs.tree import Node, Tree
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+IMMUTABLE_TIMEOUT = 3600.0  # exact attributes of immutable files and known names
+FOLDER_TIMEOUT = 60.0  # folders can gain children: series arrive in a study
+NEGATIVE_TIMEOUT = 10.0  # a UID that is not there yet may appear
+BLOCK = 512
+
+
+def _errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Map whatever a handler raises to an errno the kernel can pass on."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (FileNotFoundError, NotFound):
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except NotADirectoryError:
+            raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        except IsADirectoryError:
+            raise pyfuse3.FUSEError(errno.EISDIR) from None
+        except Unauthorized as exc:
+            log.error("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
+        except (DicomfsError, ValueError) as exc:
+            log.error("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _read_only(*_args: Any, **_kwargs: Any) -> Any:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class DicomFS(pyfuse3.Operations):
+    """pyfuse3 operations over a :class:`Tree`."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, tree: Tree, *, uid: int | None = None, gid: int | None = None) -> None:
+        super().__init__()
+        self.tree = tree
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self._handles = itertools.count(1)
+        self._files: dict[int, Blob] = {}
+        self._folders: dict[int, list[Node]] = {}
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        if node.is_dir:
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.attr_timeout = attr.entry_timeout = FOLDER_TIMEOUT
+        else:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            # An estimated size must be asked for again, so the kernel never clamps
+            # reads to it once the exact size is known.
+            attr.attr_timeout = IMMUTABLE_TIMEOUT if node.exact else 0
+            attr.entry_timeout = IMMUTABLE_TIMEOUT
+        attr.st_size = node.size
+        attr.st_blksize = 128 * 1024
+        attr.st_blocks = -(-node.size // BLOCK)  # full blocks: cp must not think it sparse
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = int(node.mtime * 1e9)
+        return attr
+
+    @_errno
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        try:
+            node = await self.tree.lookup(parent_inode, os.fsdecode(name))
+        except (FileNotFoundError, NotFound):
+            negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
+            negative.entry_timeout = NEGATIVE_TIMEOUT
+            return negative
+        return self.attributes(node)
+
+    @_errno
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.attributes(self.tree.node(inode))
+
+    @_errno
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        handle = next(self._handles)
+        self._folders[handle] = await self.tree.children(inode)
+        return handle
+
+    @_errno
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        children = self._folders[fh]
+        for index in range(start_id, len(children)):
+            child = children[index]
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
+                                         self.attributes(child), index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._folders.pop(fh, None)
+
+    @_errno
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self.tree.node(inode)
+        was_exact = node.exact
+        blob = await self.tree.open(inode)
+        if not was_exact:
+            # The kernel may hold the estimate; make it ask again before it trusts a size.
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError as exc:
+                log.debug("invalidate_inode(%d): %s", inode, exc)
+        handle = next(self._handles)
+        self._files[handle] = blob
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @_errno
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._files[fh].fd, size, off)
+
+    async def release(self, fh: int) -> None:
+        blob = self._files.pop(fh, None)
+        if blob is not None:
+            blob.close()
+
+    @_errno
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        self.tree.node(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = BLOCK
+        data.f_namemax = 255
+        return data
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    # Read-only: every call that would change something.
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    create = write = setxattr = removexattr = _read_only

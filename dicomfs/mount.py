@@ -1,0 +1,194 @@
+"""Running a mount: wiring the layers, the FUSE session, readiness, signals, background.
+
+``dicomfs mount`` starts a fresh ``--foreground`` process of itself in the
+background rather than forking: trio, httpx and libfuse hold threads and file
+descriptors that do not survive a fork. The child reports over a pipe whether
+the mount came up, so the parent exits 0 only for a working mount and
+otherwise prints the child's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyfuse3
+import trio
+
+from dicomfs.archive import Archive
+from dicomfs.client import ClientConfig, DicomwebClient
+from dicomfs.errors import DicomfsError, Unauthorized
+from dicomfs.fs import DicomFS
+from dicomfs.store import GiB, Store
+from dicomfs.tree import Tree
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 120.0
+MAX_TASKS = 64
+
+
+@dataclass
+class MountOptions:
+    """Everything a mount needs, as parsed by the CLI."""
+
+    client: ClientConfig
+    mountpoint: Path
+    cache_dir: Path
+    cache_size: int = 10 * GiB
+    listing_ttl: float = 60.0
+    deadline: float = 120.0
+    fuse_options: list[str] = field(default_factory=list)
+    uid: int | None = None
+    gid: int | None = None
+
+
+class MountError(DicomfsError):
+    """The mount could not be started; the message says why, for a person."""
+
+
+def fsname(url: str) -> str:
+    """The name ``mount`` and ``df`` show: the server, without any credentials."""
+    parts = urlsplit(url)
+    host = parts.hostname or "server"
+    return f"dicomfs:{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def open_store(options: MountOptions) -> Store:
+    return Store.for_server(options.cache_dir, options.client.base_url,
+                            max_bytes=options.cache_size)
+
+
+async def serve(options: MountOptions, *, ready: Callable[[], None] | None = None) -> None:
+    """Mount, serve until unmounted or signalled, then unmount. Raises MountError."""
+    store = open_store(options)
+    async with DicomwebClient(options.client) as client:
+        await _check_server(client, store)
+        archive = Archive(client, store, listing_ttl=options.listing_ttl,
+                          retries=options.client.retries, deadline=options.deadline)
+        operations = DicomFS(Tree(archive), uid=options.uid, gid=options.gid)
+        fuse_options = {*pyfuse3.default_options, "ro", "default_permissions",
+                        f"fsname={fsname(options.client.base_url)}", "subtype=dicomfs",
+                        *options.fuse_options}
+        try:
+            pyfuse3.init(operations, str(options.mountpoint), sorted(fuse_options))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount at {options.mountpoint}: {exc}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
+                nursery.start_soon(_report_ready, options.mountpoint, ready)
+                await pyfuse3.main(max_tasks=MAX_TASKS)
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", options.mountpoint)
+
+
+async def _check_server(client: DicomwebClient, store: Store) -> None:
+    """Fail fast on a wrong URL or credentials; go on offline when the cache can serve."""
+    try:
+        await client.probe()
+    except Unauthorized as exc:
+        raise MountError(f"the server refused our credentials: {exc}") from None
+    except DicomfsError as exc:
+        if not store.has_listings():
+            raise MountError(f"cannot reach {client.config.base_url}: {exc}") from None
+        log.error("server unreachable (%s); mounting with what is cached", exc)
+
+
+async def _unmount_on_signal(cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def _report_ready(mountpoint: Path, ready: Callable[[], None] | None) -> None:
+    """Tell the parent once the kernel has really answered through our loop."""
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    log.info("mounted at %s", mountpoint)
+    if ready is not None:
+        ready()
+
+
+def run_foreground(options: MountOptions, ready_fd: int | None = None) -> int:
+    """Run the mount in this process until it ends; report readiness on ``ready_fd``."""
+
+    def report(message: str) -> None:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+
+    try:
+        trio.run(lambda: serve(options, ready=lambda: report("ok")))
+    except MountError as exc:
+        log.error("%s", exc)
+        report(f"error: {exc}")
+        return 1
+    return 0
+
+
+def start_background(argv: list[str], log_file: Path) -> int:
+    """Start ``dicomfs mount --foreground`` detached and wait until it is ready or failed."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "dicomfs", *argv, "--foreground",
+               "--ready-fd", str(write_end)]
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(log_file, "ab") as log_stream:
+        os.chmod(log_file, 0o600)
+        child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                 stdout=log_stream, stderr=log_stream, start_new_session=True)
+    os.close(write_end)
+    answer = _read_answer(read_end, child)
+    os.close(read_end)
+    if answer == "ok":
+        return 0
+    if not answer:
+        child.poll()
+        answer = (f"the mount process ended (exit {child.returncode})" if
+                  child.returncode is not None else "the mount did not become ready in time")
+    print(f"dicomfs: {answer.removeprefix('error: ')} (log: {log_file})", file=sys.stderr)
+    if child.poll() is None:
+        child.terminate()
+    return 1
+
+
+def _read_answer(fd: int, child: subprocess.Popen[bytes]) -> str:
+    data = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while b"\n" not in data and time.monotonic() < deadline:
+        readable, _, _ = select.select([fd], [], [], 0.5)
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+        elif child.poll() is not None:
+            break
+    return data.decode("utf-8", "replace").strip()
+
+
+def unmount(mountpoint: Path) -> int:
+    """Unmount a dicomfs mount; the mount process then exits by itself."""
+    error = "neither fusermount3 nor umount is installed"
+    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", str(mountpoint)]):
+        with contextlib.suppress(FileNotFoundError):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                return 0
+            error = result.stderr.strip()
+    print(f"dicomfs: cannot unmount {mountpoint}: {error}", file=sys.stderr)
+    return 1

@@ -1,0 +1,363 @@
+"""The on-disk cache store: immutable blobs and listings under one private folder.
+
+It knows disk and nothing else: no HTTP, no DICOMweb. Every entry is written to
+a temporary file and renamed into place, so a reader sees a whole entry or
+none, even after ``kill -9`` in the middle of a write, and two processes
+sharing the folder never see each other's partial files. Entries are named by
+validated UIDs only, so nothing a server says can steer a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dicomfs.uids import check_uid
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+STALE_TEMP_SECONDS = 24 * 3600
+OBJECTS = "objects"
+LISTINGS = "listings"
+TEMP = "tmp"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """Names one immutable entry: an instance, a rendered image or a metadata answer."""
+
+    study: str
+    series: str | None = None
+    instance: str | None = None
+    kind: str = "metadata"  # "dcm", "png", "jpg" or "metadata"
+
+    def relpath(self) -> str:
+        """The entry's path below the objects folder, built from checked UIDs only."""
+        parts = [check_uid(self.study)]
+        if self.series is not None:
+            parts.append(check_uid(self.series))
+        if self.kind == "metadata":
+            parts.append("metadata.json")
+        elif self.instance is not None and self.kind in ("dcm", "png", "jpg"):
+            parts.append(f"{check_uid(self.instance)}.{self.kind}")
+        else:
+            raise ValueError(f"malformed cache key {self!r}")
+        return "/".join(parts)
+
+
+@dataclass(slots=True)
+class Blob:
+    """An open, read-only cache entry. The descriptor outlives eviction of the entry."""
+
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def server_folder_name(url: str) -> str:
+    """A readable, collision-free folder name for a server URL."""
+    parts = urlsplit(url)
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", parts.hostname or "server")
+    port = f"_{parts.port}" if parts.port else ""
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
+    return f"{host}{port}-{digest}"
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) and make it 0700: the cache holds patient data."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid != os.geteuid():
+        raise PermissionError(f"{path} belongs to another user; refusing to cache there")
+    os.chmod(path, 0o700)
+
+
+class Writer:
+    """A temporary file that becomes a cache entry on :meth:`Store.commit`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        self.size += len(data)
+
+    def abort(self) -> None:
+        """Drop the partial file; safe to call more than once."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class Store:
+    """A bounded LRU store of immutable entries for one server.
+
+    The size bound counts blobs and metadata; listings are small and kept apart
+    so that offline browsing survives eviction. Recency is the file's mtime,
+    refreshed on use, so the LRU order survives a remount.
+    """
+
+    def __init__(self, folder: Path, *, max_bytes: int = 10 * GiB,
+                 reserve_bytes: int = GiB) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.reserve_bytes = reserve_bytes
+        self._objects = folder / OBJECTS
+        self._listings = folder / LISTINGS
+        self._temp = folder / TEMP
+        for path in (folder, self._objects, self._listings, self._temp):
+            make_private_dir(path)
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._total = 0
+        self._clean_temp()
+        self._scan()
+
+    @classmethod
+    def for_server(cls, cache_root: Path, url: str, **kwargs: int) -> Store:
+        """The store of ``url`` below ``cache_root``, recording which server it is."""
+        make_private_dir(cache_root)
+        folder = cache_root / server_folder_name(url)
+        store = cls(folder, **kwargs)
+        marker = folder / "server.json"
+        if not marker.exists():
+            store._write_atomic(marker, json.dumps({"url": url}).encode())
+        return store
+
+    # -- start-up -----------------------------------------------------------------
+
+    def _clean_temp(self) -> None:
+        """Remove what dead writers left; a live process's temporary files stay."""
+        now = time.time()
+        for entry in os.scandir(self._temp):
+            pid = entry.name.split(".", 1)[0]
+            alive = pid.isdigit() and _pid_alive(int(pid))
+            with contextlib.suppress(FileNotFoundError):
+                if not alive or now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                    os.unlink(entry.path)
+
+    def _scan(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for dirpath, _dirs, files in os.walk(self._objects):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(path)
+                    found.append((st.st_mtime, os.path.relpath(path, self._objects),
+                                  st.st_size))
+        for _mtime, rel, size in sorted(found):
+            self._sizes[rel] = size
+            self._total += size
+
+    # -- entries ------------------------------------------------------------------
+
+    def open(self, key: Key) -> Blob | None:
+        """The entry, open for reading, or None when it is not cached."""
+        rel = key.relpath()
+        path = self._objects / rel
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget(rel)
+            return None
+        size = os.fstat(fd).st_size
+        self._touch(rel, path, size)
+        return Blob(fd, size)
+
+    def size(self, key: Key) -> int | None:
+        """The entry's size if this process knows it is cached (no disk access)."""
+        return self._sizes.get(key.relpath())
+
+    def read_bytes(self, key: Key) -> bytes | None:
+        blob = self.open(key)
+        if blob is None:
+            return None
+        try:
+            return os.pread(blob.fd, blob.size, 0) if blob.size else b""
+        finally:
+            blob.close()
+
+    def writer(self) -> Writer:
+        """A new temporary file in this store's folder, named after this process."""
+        return Writer(self._temp / f"{os.getpid()}.{os.urandom(6).hex()}.part")
+
+    def commit(self, writer: Writer, key: Key) -> None:
+        """Move a finished temporary file into place as ``key``; evict to stay in bounds."""
+        rel = key.relpath()
+        path = self._objects / rel
+        os.close(writer.fd)
+        writer.fd = -1
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.replace(writer.path, path)
+        except OSError:
+            writer.abort()
+            raise
+        self._forget(rel)
+        self._sizes[rel] = writer.size
+        self._total += writer.size
+        self._evict(keep=rel)
+
+    def put_bytes(self, key: Key, data: bytes) -> None:
+        writer = self.writer()
+        try:
+            writer.write(data)
+        except BaseException:
+            writer.abort()
+            raise
+        self.commit(writer, key)
+
+    def discard(self, key: Key) -> None:
+        rel = key.relpath()
+        self._forget(rel)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._objects / rel)
+
+    # -- listings -----------------------------------------------------------------
+
+    def save_listing(self, name: str, data: bytes) -> None:
+        self._write_atomic(self._listing_path(name), data)
+
+    def load_listing(self, name: str) -> tuple[bytes, float] | None:
+        """A saved listing and its age in seconds, or None."""
+        path = self._listing_path(name)
+        try:
+            data = path.read_bytes()
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return data, age
+
+    def has_listings(self) -> bool:
+        """Whether anything was ever listed here: enough to start a mount offline."""
+        with os.scandir(self._listings) as entries:
+            return any(True for _ in entries)
+
+    def _listing_path(self, name: str) -> Path:
+        return self._listings / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".json")
+
+    # -- accounting ---------------------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+    @property
+    def entries(self) -> int:
+        return len(self._sizes)
+
+    def _touch(self, rel: str, path: Path, size: int) -> None:
+        if rel in self._sizes:
+            self._sizes.move_to_end(rel)
+        else:
+            self._sizes[rel] = size
+            self._total += size
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+    def _forget(self, rel: str) -> None:
+        size = self._sizes.pop(rel, None)
+        if size is not None:
+            self._total -= size
+
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used entries until under the bound and the disk reserve."""
+        free = shutil.disk_usage(self.folder).free
+        while self._sizes and (self._total > self.max_bytes or free < self.reserve_bytes):
+            rel, size = next(iter(self._sizes.items()))
+            if rel == keep:
+                if len(self._sizes) == 1:
+                    break
+                self._sizes.move_to_end(rel)
+                continue
+            self._forget(rel)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._objects / rel)
+                free += size
+            log.debug("evicted %s (%d bytes)", rel, size)
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        writer = self.writer()
+        try:
+            writer.write(data)
+            os.close(writer.fd)
+            writer.fd = -1
+            os.replace(writer.path, path)
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCache:
+    """What ``dicomfs cache info`` shows of one server's folder."""
+
+    url: str
+    folder: Path
+    bytes: int
+    entries: int
+    listings: int
+
+
+def _server_folders(cache_root: Path) -> list[tuple[Path, str]]:
+    """(folder, url) of every server folder below ``cache_root``."""
+    found = []
+    if cache_root.is_dir():
+        for folder in sorted(cache_root.iterdir()):
+            try:
+                found.append((folder, json.loads((folder / "server.json").read_text())["url"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def summarize(cache_root: Path) -> list[ServerCache]:
+    result = []
+    for folder, url in _server_folders(cache_root):
+        size = entries = 0
+        for dirpath, _dirs, files in os.walk(folder / OBJECTS):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    size += os.stat(os.path.join(dirpath, name)).st_size
+                    entries += 1
+        listings = len(os.listdir(folder / LISTINGS)) if (folder / LISTINGS).is_dir() else 0
+        result.append(ServerCache(url, folder, size, entries, listings))
+    return result
+
+
+def clear(cache_root: Path, url: str | None = None) -> int:
+    """Delete the cache of ``url``, or of every server; returns how many were removed."""
+    removed = 0
+    for folder, folder_url in _server_folders(cache_root):
+        if url is None or folder_url.rstrip("/") == url.rstrip("/"):
+            shutil.rmtree(folder)
+            removed += 1
+    return removed
