@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -35,7 +35,7 @@ from dicomfs.errors import (
     Unreachable,
 )
 from dicomfs.multipart import PartData, PartStart
-from dicomfs.store import Blob, Key, Store
+from dicomfs.store import Blob, Key, Store, Writer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +44,7 @@ T = TypeVar("T")
 OFFLINE_ERRORS = (Unreachable, Timeout, ServerError)
 IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
+PARTS_IN_CHECK = 16
 
 
 class _Flight:
@@ -54,18 +55,24 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-def verify_instance(path: Path, key: Key) -> None:
-    """Raise IntegrityError unless ``path`` is DICOM Part 10 carrying the SOP UID asked for.
+def identify(path: Path) -> tuple[str, str, str]:
+    """(study, series, instance) UIDs of a Part 10 file; IntegrityError if it is not one.
 
     Runs in a worker thread: parsing a header is CPU work the FUSE loop must not wait on.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
-                             specific_tags=["SOPInstanceUID"])
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+            "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
-        raise IntegrityError(f"instance {key.instance} is not DICOM Part 10: {exc}") from None
+        raise IntegrityError(f"not DICOM Part 10: {exc}") from None
     meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
-    found = str(ds.get("SOPInstanceUID", "") or meta_uid or "")
+    return (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
+            str(ds.get("SOPInstanceUID", "") or meta_uid or ""))
+
+
+def verify_instance(path: Path, key: Key) -> None:
+    """Raise IntegrityError unless ``path`` is the instance ``key`` names."""
+    found = identify(path)[2]
     if found != key.instance:
         raise IntegrityError(f"asked for instance {key.instance}, got {found[:64]!r}")
 
@@ -255,6 +262,83 @@ class Archive:
                 writer.abort()
                 raise
 
+    async def fetch_series(self, study: str, series: str, wanted: Iterable[str]) -> int:
+        """Stream a series into the store in one request; returns how many were stored.
+
+        The wanted instances that are neither cached nor already on their way are
+        claimed first, so that opening one of them waits for this stream instead
+        of asking the server a second time. Whatever the stream does not deliver
+        is released, and its waiters fetch it on their own.
+        """
+        claimed: dict[str, _Flight] = {}
+        for instance in wanted:
+            key = Key(study, series, instance, "dcm")
+            if self.store.size(key) is None and key not in self._flights:
+                claimed[instance] = self._flights[key] = _Flight()
+        stored: list[str] = []
+        try:
+            if claimed:
+                await self._stream_series(study, series, claimed, stored)
+        finally:
+            for instance, flight in claimed.items():
+                self._land(Key(study, series, instance, "dcm"), flight)
+        return len(stored)
+
+    async def _stream_series(self, study: str, series: str, claimed: dict[str, _Flight],
+                             stored: list[str]) -> None:
+        """Write each part to a temporary file; check and commit parts alongside.
+
+        Checking a part takes a worker thread; doing it in line would leave the
+        socket idle, so up to PARTS_IN_CHECK parts are checked while more arrive.
+        """
+        in_check = trio.Semaphore(PARTS_IN_CHECK)
+        async with trio.open_nursery() as nursery:
+            writer = None
+            try:
+                async with self.client.retrieve(study, series) as events:
+                    async for event in events:
+                        if isinstance(event, PartStart):
+                            await in_check.acquire()
+                            writer = self.store.writer()
+                        elif isinstance(event, PartData) and writer is not None:
+                            writer.write(event.data)
+                        elif writer is not None:
+                            nursery.start_soon(self._keep_part, writer, study, series,
+                                               claimed, stored, in_check)
+                            writer = None
+            except DicomfsError as exc:
+                log.warning("series %s: bulk fetch stopped (%s); the rest comes one by one",
+                            series, exc)
+            finally:
+                if writer is not None:
+                    writer.abort()
+                    in_check.release()
+
+    async def _keep_part(self, writer: Writer, study: str, series: str,
+                         claimed: dict[str, _Flight], stored: list[str],
+                         in_check: trio.Semaphore) -> None:
+        """Commit one part of a series stream if it is a claimed instance of that series."""
+        try:
+            found = await trio.to_thread.run_sync(identify, writer.path)
+            flight = claimed.pop(found[2], None) if found[:2] == (study, series) else None
+            if flight is None:
+                writer.abort()
+                return
+            key = Key(study, series, found[2], "dcm")
+            self.store.commit(writer, key)
+            stored.append(found[2])
+            self._land(key, flight)
+        except (IntegrityError, OSError) as exc:
+            writer.abort()
+            log.warning("series %s: skipped a part (%s)", series, exc)
+        finally:
+            in_check.release()
+
+    def _land(self, key: object, flight: _Flight) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.done.set()
+
     # -- plumbing ---------------------------------------------------------------------
 
     async def _open_filled(self, key: Key) -> Blob:
@@ -289,8 +373,7 @@ class Archive:
             flight.error = exc
             raise
         finally:
-            del self._flights[key]
-            flight.done.set()
+            self._land(key, flight)
 
     async def _guarded(self, work: Callable[[], Awaitable[T]]) -> T:
         """Bound one fetch by the deadline and keep track of whether the server answers."""

@@ -29,6 +29,7 @@ from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import DicomfsError, Unauthorized
 from dicomfs.fs import DicomFS
+from dicomfs.prefetch import Prefetcher
 from dicomfs.store import GiB, Store
 from dicomfs.tree import Tree
 
@@ -76,10 +77,11 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
         await _check_server(client, store)
         archive = Archive(client, store, listing_ttl=options.listing_ttl,
                           retries=options.client.retries, deadline=options.deadline)
-        operations = DicomFS(Tree(archive), uid=options.uid, gid=options.gid)
         fuse_options = {*pyfuse3.default_options, "ro", "default_permissions",
                         f"fsname={fsname(options.client.base_url)}", "subtype=dicomfs",
                         *options.fuse_options}
+        prefetcher = Prefetcher(archive)
+        operations = DicomFS(Tree(archive, prefetcher), uid=options.uid, gid=options.gid)
         try:
             pyfuse3.init(operations, str(options.mountpoint), sorted(fuse_options))
         except RuntimeError as exc:
@@ -88,6 +90,7 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_report_ready, options.mountpoint, ready)
+                nursery.start_soon(prefetcher.run)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
         finally:

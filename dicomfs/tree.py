@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from dicomfs import dicomjson
 from dicomfs.archive import Archive
 from dicomfs.dicomjson import Dataset
+from dicomfs.prefetch import Prefetcher
 from dicomfs.store import Blob, Key
 from dicomfs.uids import is_uid
 
@@ -86,8 +87,9 @@ class Node:
 class Tree:
     """Paths and nodes over an :class:`Archive`."""
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, prefetcher: Prefetcher | None = None) -> None:
         self.archive = archive
+        self.prefetcher = prefetcher
         self.mount_time = time.time()
         self._nodes: dict[int, Node] = {}
         self._inodes: dict[tuple[object, ...], int] = {}
@@ -260,6 +262,8 @@ class Tree:
         """The file's bytes, fetched (and cached) on first open; the size becomes exact."""
         node = self.node(inode)
         if node.kind is Kind.INSTANCE:
+            if self.prefetcher and self.archive.store.size(node.key) is None:
+                self.prefetcher.note_miss(node.study or "", node.series or "")
             blob = await self.archive.instance(node.study or "", node.series or "",
                                                node.instance or "")
         elif node.kind is Kind.RENDERED_FILE:

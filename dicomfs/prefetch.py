@@ -1,0 +1,74 @@
+"""Series prefetch: when a program walks a series, fetch the rest of it in bulk.
+
+Tools that read a series (dcm2niix, SimpleITK, ``cp -r``) open its files one
+after another. One request per file pays a round trip each; one WADO-RS series
+request streams them all at the speed of the wire. But a person opening one
+image must not pull a 1 GB series, so bulk fetching starts only after several
+uncached files of the same series were opened within a short time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict, deque
+
+import trio
+
+from dicomfs import dicomjson
+from dicomfs.archive import Archive
+from dicomfs.errors import DicomfsError
+
+log = logging.getLogger(__name__)
+
+TRIGGER_MISSES = 2  # uncached opens in one series that make it a walk
+WINDOW_SECONDS = 10.0  # how close together those opens must be
+
+
+class Prefetcher:
+    """Watches uncached opens; :meth:`run` carries out the bulk fetches they call for."""
+
+    def __init__(self, archive: Archive, *, trigger: int = TRIGGER_MISSES,
+                 window: float = WINDOW_SECONDS) -> None:
+        self.archive = archive
+        self.trigger = trigger
+        self.window = window
+        self._misses: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._running: set[tuple[str, str]] = set()
+        self._send, self._receive = trio.open_memory_channel[tuple[str, str]](math.inf)
+
+    async def run(self) -> None:
+        """Serve prefetch requests until cancelled; FUSE handlers only enqueue them."""
+        async with trio.open_nursery() as nursery:
+            async for study, series in self._receive:
+                nursery.start_soon(self._fetch, study, series)
+
+    def note_miss(self, study: str, series: str) -> None:
+        """An instance of this series is about to be fetched because it was not cached."""
+        series_key = (study, series)
+        if series_key in self._running:
+            return
+        now = time.monotonic()
+        misses = self._misses[series_key]
+        misses.append(now)
+        while misses and now - misses[0] > self.window:
+            misses.popleft()
+        if len(misses) >= self.trigger:
+            del self._misses[series_key]
+            self._running.add(series_key)
+            self._send.send_nowait(series_key)
+
+    async def _fetch(self, study: str, series: str) -> None:
+        started = time.monotonic()
+        try:
+            listing = await self.archive.instances(study, series)
+            wanted = [uid for ds in listing
+                      if (uid := dicomjson.uid(ds, dicomjson.SOP_UID)) is not None]
+            stored = await self.archive.fetch_series(study, series, wanted)
+            log.info("series %s: prefetched %d instances in %.2f s", series, stored,
+                     time.monotonic() - started)
+        except DicomfsError as exc:
+            log.warning("series %s: prefetch failed: %s", series, exc)
+        finally:
+            self._running.discard((study, series))
