@@ -169,10 +169,10 @@ def setup_logging(level: str, log_file: Path | None) -> None:
                                 else logging.StreamHandler())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    if level != "debug":
-        # httpx logs every request URL at INFO; a query URL can carry patient IDs.
-        for noisy in ("httpx", "httpcore", "hpack"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO, and a query URL can carry patient IDs:
+    # those lines are for debugging only. httpcore's byte-level chatter never helps.
+    logging.getLogger("httpx").setLevel(logging.INFO if level == "debug" else logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def run_mount(args: argparse.Namespace, argv: list[str]) -> int:

@@ -1,0 +1,305 @@
+"""The filesystem as users meet it: a real Orthanc, a real mount, real tools."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import mmap
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dicomfs.demo import Archive, LocalOrthanc
+from dicomfs.demo.mounts import is_mounted
+
+INSTANCE_REQUEST = "/instances/"  # a WADO-RS instance path, as opposed to a QIDO search
+
+
+def qido(orthanc: LocalOrthanc, path: str, key: str) -> set[str]:
+    """The UIDs a QIDO-RS search answers: the server's truth a listing must match."""
+    answer = httpx.get(f"{orthanc.dicomweb_url}{path}", params={"limit": "100000"})
+    answer.raise_for_status()
+    return {item[key]["Value"][0] for item in answer.json()} if answer.content else set()
+
+
+def series_dir(root: Path, archive: Archive, label: str) -> Path:
+    return root / "studies" / archive.study_uid(label) / archive.series_uid(label)
+
+
+def test_listings_equal_qido(mnt, orthanc: LocalOrthanc) -> None:
+    studies = qido(orthanc, "/studies", "0020000D")
+    assert set(os.listdir(mnt.path / "studies")) == studies
+    for study in studies:
+        series = qido(orthanc, f"/studies/{study}/series", "0020000E")
+        assert set(os.listdir(mnt.path / "studies" / study)) == series | {"metadata.json"}
+        for one in series:
+            instances = qido(orthanc, f"/studies/{study}/series/{one}/instances", "00080018")
+            names = set(os.listdir(mnt.path / "studies" / study / one))
+            assert names == {f"{uid}.dcm" for uid in instances} | {"metadata.json"}
+    assert sorted(os.listdir(mnt.path)) == ["rendered", "studies"]
+
+
+def test_every_instance_is_byte_identical(mnt, archive: Archive, orthanc: LocalOrthanc) -> None:
+    for entry in archive.files:
+        path = mnt.path / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
+        assert path.read_bytes() == archive.read(entry), entry.label
+    # The archive files are what Orthanc stored: check a few against its own copy too.
+    for entry in archive.files[:: max(len(archive.files) // 10, 1)]:
+        path = mnt.path / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
+        assert path.read_bytes() == orthanc.instance_file(entry.sop_uid)
+
+
+def test_stat_then_mmap_gives_whole_files(mnt, archive: Archive) -> None:
+    folder = series_dir(mnt.path, archive, "mr")
+    for entry in archive.series_files(archive.series_uid("mr")):
+        path = folder / f"{entry.sop_uid}.dcm"
+        os.stat(path)  # the estimate a listing gives
+        with open(path, "rb") as f:
+            assert os.fstat(f.fileno()).st_size == entry.size
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                assert mapped[:] == archive.read(entry)
+        assert path.stat().st_size == entry.size  # and now exact for everyone
+
+
+def test_cp_r_of_a_series(mnt, archive: Archive, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(series_dir(mnt.path, archive, "ct")), str(copy)],
+                   check=True)
+    files = archive.series_files(archive.series_uid("ct"))
+    assert len(files) == archive.ct_slices
+    for entry in files:
+        assert (copy / f"{entry.sop_uid}.dcm").read_bytes() == archive.read(entry)
+    assert (copy / "metadata.json").stat().st_size > 0
+
+
+def test_dcmdump_reads_every_file(mnt) -> None:
+    result = subprocess.run(["dcmdump", "-q", "+sd", "+r", "+sp", "*.dcm",
+                             str(mnt.path / "studies")], capture_output=True)
+    assert result.returncode == 0, result.stderr[-2000:].decode(errors="replace")
+
+
+def test_simpleitk_reads_the_ct_volume(mnt, archive: Archive) -> None:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    names = reader.GetGDCMSeriesFileNames(str(series_dir(mnt.path, archive, "ct")))
+    assert len(names) == archive.ct_slices
+    reader.SetFileNames(names)
+    image = reader.Execute()
+    assert image.GetSize() == (512, 512, archive.ct_slices)
+
+
+def test_dcm2niix_converts_the_ct_series(mnt, archive: Archive, tmp_path: Path) -> None:
+    out = tmp_path / "nifti"
+    out.mkdir()
+    dcm2niix = Path(sys.executable).parent / "dcm2niix"
+    result = subprocess.run([str(dcm2niix), "-z", "n", "-o", str(out),
+                             str(series_dir(mnt.path, archive, "ct"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    niftis = list(out.glob("*.nii"))
+    assert len(niftis) == 1
+    # 512 x 512 x slices of int16, plus the 352-byte header.
+    assert niftis[0].stat().st_size >= 512 * 512 * 2 * archive.ct_slices
+
+
+def test_listing_makes_no_instance_request(mnt, archive: Archive, orthanc: LocalOrthanc
+                                           ) -> None:
+    mark = orthanc.mark()
+    result = subprocess.run(["ls", "-l", str(series_dir(mnt.path, archive, "ct"))],
+                            capture_output=True, text=True, check=True)
+    assert len(result.stdout.splitlines()) == archive.ct_slices + 2  # total, metadata.json
+    requests = orthanc.requests_since(mark)
+    assert requests, "the listing should have asked QIDO"
+    assert not [r for r in requests if INSTANCE_REQUEST in r and "/instances?" not in r
+                and not r.rstrip().endswith("/instances")]
+    assert not [r for r in requests if "metadata" in r]
+
+
+def test_attributes(mnt, archive: Archive) -> None:
+    study = mnt.path / "studies" / archive.study_uid("ct")
+    assert stat.S_IMODE(study.stat().st_mode) == 0o555
+    folder = series_dir(mnt.path, archive, "ct")
+    first = next(folder.glob("*.dcm"))
+    info = first.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o444
+    assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
+    assert first.stat().st_ino == info.st_ino  # stable within the mount
+    assert time.gmtime(study.stat().st_mtime).tm_year < 2026  # the study date, not "now"
+
+
+def test_uid_and_gid_options(mount_factory) -> None:
+    mount = mount_factory(args=["--uid", "1234", "--gid", "4321"])
+    info = (mount.path / "studies").stat()
+    assert (info.st_uid, info.st_gid) == (1234, 4321)
+
+
+def test_writes_fail_with_erofs(mnt, archive: Archive) -> None:
+    folder = series_dir(mnt.path, archive, "mr")
+    existing = next(folder.glob("*.dcm"))
+    attempts = [
+        lambda: open(folder / "new.dcm", "wb"),
+        lambda: open(existing, "r+b"),
+        lambda: os.mkdir(folder / "sub"),
+        lambda: os.unlink(existing),
+        lambda: os.rename(existing, folder / "x.dcm"),
+        lambda: os.chmod(existing, 0o644),
+        lambda: os.truncate(existing, 0),
+        lambda: os.setxattr(existing, "user.x", b"1"),
+        lambda: os.symlink("x", folder / "link"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as raised:
+            attempt()
+        assert raised.value.errno == errno.EROFS
+
+
+def test_missing_and_junk_names(mnt, orthanc: LocalOrthanc) -> None:
+    studies = mnt.path / "studies"
+    mark = orthanc.mark()
+    for junk in (".Trash", ".Trash-0", ".DS_Store", "desktop.ini", "autorun.inf", "a/../b"):
+        assert not os.path.exists(studies / junk)
+    assert orthanc.requests_since(mark) == []
+    assert not (studies / "1.2.3.4.5.6.7").exists()
+    with pytest.raises(FileNotFoundError):
+        os.stat(studies / "1.2.3.4.5.6.7")
+
+
+def test_study_beyond_the_listing_is_reachable(mount_factory, orthanc_factory,
+                                               archive: Archive) -> None:
+    """A server that caps results silently hides studies from /studies, not from paths."""
+    capped = orthanc_factory(config={"LimitFindResults": 2})
+    one_per_study = {f.study_uid: f for f in archive.files if f.label != "ct"}
+    samples = list(one_per_study.values())[:5]
+    capped.upload([archive.path(f) for f in samples])
+    mount = mount_factory(capped.dicomweb_url)
+    listed = set(os.listdir(mount.path / "studies"))
+    hidden = sorted({f.study_uid for f in samples} - listed)
+    assert len(listed) == 2 and hidden, "the server's cap should hide studies"
+    entry = next(f for f in samples if f.study_uid == hidden[0])
+    path = mount.path / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
+    assert path.read_bytes() == archive.read(entry)
+
+
+def test_many_readers_at_once(mnt, archive: Archive) -> None:
+    entries = [f for f in archive.files if f.label != "ct"]
+
+    def read(entry) -> bool:  # type: ignore[no-untyped-def]
+        path = mnt.path / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
+        return path.read_bytes() == archive.read(entry)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(read, entries))
+
+
+def test_metadata_json_is_the_servers_answer(mnt, archive: Archive, orthanc: LocalOrthanc
+                                             ) -> None:
+    study = archive.study_uid("mr")
+    served = (mnt.path / "studies" / study / "metadata.json").read_bytes()
+    direct = httpx.get(f"{orthanc.dicomweb_url}/studies/{study}/metadata",
+                       headers={"Accept": "application/dicom+json"}).content
+    assert served == direct
+
+
+def test_rendered_mirror(mnt, archive: Archive) -> None:
+    entry = archive.series_files(archive.series_uid("mr"))[0]
+    folder = mnt.path / "rendered" / entry.study_uid / entry.series_uid
+    assert f"{entry.sop_uid}.png" in os.listdir(folder)
+    assert (folder / f"{entry.sop_uid}.png").read_bytes().startswith(b"\x89PNG")
+    assert (folder / f"{entry.sop_uid}.jpg").read_bytes().startswith(b"\xff\xd8")
+
+
+def test_sigterm_unmounts(mount_factory) -> None:
+    mount = mount_factory()
+    os.kill(mount.proc.pid, signal.SIGTERM)
+    assert mount.proc.wait(10) == 0
+    assert not is_mounted(mount.path)
+
+
+def test_dicomfs_unmount_and_background_mount(orthanc: LocalOrthanc, tmp_path: Path) -> None:
+    point = tmp_path / "mnt"
+    point.mkdir()
+    dicomfs = [sys.executable, "-m", "dicomfs"]
+    started = subprocess.run([*dicomfs, "mount", orthanc.dicomweb_url, str(point),
+                              "--cache-dir", str(tmp_path / "cache")],
+                             capture_output=True, text=True, timeout=60)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert is_mounted(point)
+        assert os.listdir(point / "studies")
+    finally:
+        stopped = subprocess.run([*dicomfs, "unmount", str(point)], capture_output=True,
+                                 text=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not is_mounted(point)
+
+
+def test_unreachable_server_fails_clearly(tmp_path: Path) -> None:
+    point = tmp_path / "mnt"
+    point.mkdir()
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dicomfs", "mount",
+                             "http://127.0.0.1:9/dicom-web", str(point),
+                             "--cache-dir", str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "cannot reach http://127.0.0.1:9/dicom-web" in result.stderr
+    assert time.monotonic() - started < 15
+    assert not is_mounted(point)
+
+
+def test_bad_options_fail_clearly(orthanc: LocalOrthanc, tmp_path: Path) -> None:
+    dicomfs = [sys.executable, "-m", "dicomfs", "mount"]
+    cases = [
+        ([orthanc.dicomweb_url, str(tmp_path / "absent")], "is not a folder"),
+        (["not-a-url", str(tmp_path)], "not an http(s) URL"),
+        ([orthanc.dicomweb_url, str(tmp_path), "--cache-size", "lots"], "not a size"),
+        ([orthanc.dicomweb_url, str(tmp_path), "--max-connections", "0"], "must be positive"),
+    ]
+    for args, message in cases:
+        result = subprocess.run([*dicomfs, *args], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_fstab_style_mount(orthanc: LocalOrthanc, tmp_path: Path) -> None:
+    """``mount -t fuse 'dicomfs#URL' DIR -o ...``: what an /etc/fstab line runs."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    program = Path(sys.executable).parent / "dicomfs"
+    options = f"cache_dir={tmp_path / 'cache'},listing_ttl=30,allow_other"
+    result = subprocess.run(["mount", "-t", "fuse", f"{program}#{orthanc.dicomweb_url}",
+                             str(point), "-o", options], capture_output=True, text=True,
+                            timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert os.listdir(point / "studies")
+        assert (tmp_path / "cache").is_dir()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(point)], capture_output=True)
+
+
+def test_cache_folder_is_private(mnt) -> None:
+    assert stat.S_IMODE(mnt.cache_dir.stat().st_mode) == 0o700
+    for folder in mnt.cache_dir.iterdir():
+        if folder.is_dir():
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_removing_a_mount_point_copy_leaves_the_server_alone(mnt, archive: Archive,
+                                                             tmp_path: Path) -> None:
+    """rm -r of a copy is harmless, and rm -r of the mount itself is refused."""
+    folder = series_dir(mnt.path, archive, "mr")
+    result = subprocess.run(["rm", "-rf", str(folder)], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Read-only file system" in result.stderr
+    assert len(list(folder.glob("*.dcm"))) == len(archive.series_files(
+        archive.series_uid("mr")))
+    shutil.copytree(folder, tmp_path / "copy")
