@@ -47,6 +47,10 @@ MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
 PARTS_IN_CHECK = 16
 
 
+def _ignore(size: int) -> None:
+    """The default progress callback."""
+
+
 class _Flight:
     """One download in progress; everyone who wants the same entry waits on it."""
 
@@ -115,19 +119,27 @@ class Archive:
                                    lambda: self.client.search_instances(study, series))
 
     async def find_study(self, study: str) -> Dataset | None:
-        """One study by UID, also one that a server's result cap hides from the full list."""
-        found = await self._listing(
-            f"study/{study}",
-            lambda: self.client.search_studies({"StudyInstanceUID": study}))
-        return next((ds for ds in found if dicomjson.uid(ds, dicomjson.STUDY_UID) == study),
-                    None)
+        """One study by UID, also one that a server's result cap hides from the full list.
+
+        Offline, the saved full listing answers instead.
+        """
+        try:
+            found = await self._listing(
+                f"study/{study}",
+                lambda: self.client.search_studies({"StudyInstanceUID": study}))
+        except OFFLINE_ERRORS:
+            found = await self.studies()
+        return _pick(found, dicomjson.STUDY_UID, study)
 
     async def find_series(self, study: str, series: str) -> Dataset | None:
-        found = await self._listing(
-            f"series/{study}/{series}",
-            lambda: self.client.search_series(study, {"SeriesInstanceUID": series}))
-        return next((ds for ds in found
-                     if dicomjson.uid(ds, dicomjson.SERIES_UID) == series), None)
+        """One series by UID; offline, the saved listing of its study answers instead."""
+        try:
+            found = await self._listing(
+                f"series/{study}/{series}",
+                lambda: self.client.search_series(study, {"SeriesInstanceUID": series}))
+        except OFFLINE_ERRORS:
+            found = await self.series(study)
+        return _pick(found, dicomjson.SERIES_UID, series)
 
     async def _listing(self, name: str,
                        fetch: Callable[[], Awaitable[list[Dataset]]]) -> list[Dataset]:
@@ -262,8 +274,45 @@ class Archive:
                 writer.abort()
                 raise
 
-    async def fetch_series(self, study: str, series: str, wanted: Iterable[str]) -> int:
-        """Stream a series into the store in one request; returns how many were stored.
+    async def fill_series(self, study: str, series: str, *,
+                          on_stored: Callable[[int], None] = _ignore) -> list[str]:
+        """Bring every instance of a series into the store; returns the UIDs that failed.
+
+        Mostly uncached: one series request, at the speed of the wire. Mostly
+        cached, as when an interrupted prefetch resumes: only what is missing,
+        one request each, a few at a time. ``on_stored`` gets each new entry's size.
+        """
+        listing = await self.instances(study, series)
+        wanted = [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
+        missing = [uid for uid in wanted if not self.is_cached(study, series, uid)]
+        if len(missing) * 2 > len(wanted):
+            await self.fetch_series(study, series, missing, on_stored=on_stored)
+            missing = [uid for uid in missing if not self.is_cached(study, series, uid)]
+        failed: list[str] = []
+        limiter = trio.CapacityLimiter(self.client.config.max_connections)
+
+        async def fetch_one(instance: str) -> None:
+            async with limiter:
+                try:
+                    blob = await self.instance(study, series, instance)
+                except DicomfsError as exc:
+                    log.warning("instance %s: %s", instance, exc)
+                    failed.append(instance)
+                    return
+                blob.close()
+                on_stored(blob.size)
+
+        async with trio.open_nursery() as nursery:
+            for instance in missing:
+                nursery.start_soon(fetch_one, instance)
+        return failed
+
+    def is_cached(self, study: str, series: str, instance: str) -> bool:
+        return self.store.size(Key(study, series, instance, "dcm")) is not None
+
+    async def fetch_series(self, study: str, series: str, wanted: Iterable[str], *,
+                           on_stored: Callable[[int], None] = _ignore) -> None:
+        """Stream a series into the store in one request, keeping the ``wanted`` instances.
 
         The wanted instances that are neither cached nor already on their way are
         claimed first, so that opening one of them waits for this stream instead
@@ -275,17 +324,15 @@ class Archive:
             key = Key(study, series, instance, "dcm")
             if self.store.size(key) is None and key not in self._flights:
                 claimed[instance] = self._flights[key] = _Flight()
-        stored: list[str] = []
         try:
             if claimed:
-                await self._stream_series(study, series, claimed, stored)
+                await self._stream_series(study, series, claimed, on_stored)
         finally:
             for instance, flight in claimed.items():
                 self._land(Key(study, series, instance, "dcm"), flight)
-        return len(stored)
 
     async def _stream_series(self, study: str, series: str, claimed: dict[str, _Flight],
-                             stored: list[str]) -> None:
+                             on_stored: Callable[[int], None]) -> None:
         """Write each part to a temporary file; check and commit parts alongside.
 
         Checking a part takes a worker thread; doing it in line would leave the
@@ -304,7 +351,7 @@ class Archive:
                             writer.write(event.data)
                         elif writer is not None:
                             nursery.start_soon(self._keep_part, writer, study, series,
-                                               claimed, stored, in_check)
+                                               claimed, on_stored, in_check)
                             writer = None
             except DicomfsError as exc:
                 log.warning("series %s: bulk fetch stopped (%s); the rest comes one by one",
@@ -315,7 +362,7 @@ class Archive:
                     in_check.release()
 
     async def _keep_part(self, writer: Writer, study: str, series: str,
-                         claimed: dict[str, _Flight], stored: list[str],
+                         claimed: dict[str, _Flight], on_stored: Callable[[int], None],
                          in_check: trio.Semaphore) -> None:
         """Commit one part of a series stream if it is a claimed instance of that series."""
         try:
@@ -326,8 +373,8 @@ class Archive:
                 return
             key = Key(study, series, found[2], "dcm")
             self.store.commit(writer, key)
-            stored.append(found[2])
             self._land(key, flight)
+            on_stored(writer.size)
         except (IntegrityError, OSError) as exc:
             writer.abort()
             log.warning("series %s: skipped a part (%s)", series, exc)
@@ -397,6 +444,10 @@ class Archive:
         if self._offline_since is None:
             self._offline_since = time.monotonic()
             log.error("server unreachable (%s); serving what is cached", exc)
+
+
+def _pick(datasets: list[Dataset], tag: str, uid: str) -> Dataset | None:
+    return next((ds for ds in datasets if dicomjson.uid(ds, tag) == uid), None)
 
 
 def _read_all(blob: Blob) -> bytes:

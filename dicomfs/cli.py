@@ -18,6 +18,7 @@ from pathlib import Path
 from dicomfs import __version__
 from dicomfs.client import ClientConfig
 from dicomfs.store import server_folder_name
+from dicomfs.uids import is_uid
 
 COMMANDS = {"mount", "unmount", "cache", "prefetch", "-h", "--help", "--version"}
 # Options mount(8) and mount.fuse3 hand to a helper that mean nothing to a read-only FUSE mount.
@@ -60,6 +61,12 @@ def url(text: str) -> str:
     return text.rstrip("/")
 
 
+def uid_argument(text: str) -> str:
+    if not is_uid(text):
+        raise argparse.ArgumentTypeError(f"not a DICOM UID: {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomfs", description="Mount a DICOMweb server as a read-only folder.")
@@ -72,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("url", type=url, metavar="URL", help="DICOMweb root, e.g. "
                        "http://127.0.0.1:8042/dicom-web")
     mount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    _cache_dir_option(mount)
-    mount.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
-                       metavar="SIZE", help="bound of the disk cache (default 10G)")
+    _cache_dir_option(mount, with_size=True)
     mount.add_argument("--listing-ttl", type=positive(float), default=60.0, metavar="SECONDS",
                        help="how long a folder listing is reused (default 60)")
     mount.add_argument("-f", "--foreground", action="store_true",
@@ -86,30 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--log-file", type=Path, metavar="FILE",
                        help="log here (default: stderr in the foreground, else mount.log "
                        "in the server's cache folder)")
-    mount.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
-                       help="longest wait for the next bytes of an answer (default 30)")
-    mount.add_argument("--connect-timeout", type=positive(float), default=10.0,
-                       metavar="SECONDS", help="longest wait for a connection (default 10)")
-    mount.add_argument("--deadline", type=positive(float), default=120.0, metavar="SECONDS",
-                       help="longest a single file fetch may take, retries included "
-                       "(default 120)")
-    mount.add_argument("--retries", type=int, default=3, metavar="N",
-                       help="retries of a failed request (default 3)")
-    mount.add_argument("--max-connections", type=positive(int), default=8, metavar="N",
-                       help="parallel connections to the server (default 8)")
-    mount.add_argument("--page-size", type=positive(int), default=1000, metavar="N",
-                       help="QIDO page size (limit) (default 1000)")
-    mount.add_argument("--qido-url", type=url, metavar="URL",
-                       help="QIDO-RS root, when it differs from URL")
-    mount.add_argument("--wado-url", type=url, metavar="URL",
-                       help="WADO-RS root, when it differs from URL")
-    mount.add_argument("--single-part", action="store_true",
-                       help="ask for instances as single-part application/dicom")
-    mount.add_argument("--transfer-syntax", default="*", metavar="UID",
-                       help="transfer syntax to ask for (default *: as stored)")
+    _client_options(mount)
     mount.add_argument("--uid", type=int, help="owner of every file (default: you)")
     mount.add_argument("--gid", type=int, help="group of every file (default: yours)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    prefetch = commands.add_parser(
+        "prefetch", help="fill the cache with a study or series ahead of time",
+        description="Download a study (or one of its series) into the cache, to read it "
+        "fast or offline later. Interrupted, it resumes where it stopped.")
+    prefetch.add_argument("url", type=url, metavar="URL", help="DICOMweb root")
+    prefetch.add_argument("study", type=uid_argument, metavar="STUDY_UID")
+    prefetch.add_argument("series", type=uid_argument, nargs="?", metavar="SERIES_UID")
+    _cache_dir_option(prefetch, with_size=True)
+    prefetch.add_argument("--log-level", default="warning",
+                          choices=["debug", "info", "warning", "error"])
+    _client_options(prefetch)
 
     unmount = commands.add_parser("unmount", help="unmount a dicomfs mount")
     unmount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
@@ -126,9 +123,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    """How to talk to the server: shared by every command that does."""
+    parser.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
+                       help="longest wait for the next bytes of an answer (default 30)")
+    parser.add_argument("--connect-timeout", type=positive(float), default=10.0,
+                       metavar="SECONDS", help="longest wait for a connection (default 10)")
+    parser.add_argument("--deadline", type=positive(float), default=120.0, metavar="SECONDS",
+                       help="longest a single file fetch may take, retries included "
+                       "(default 120)")
+    parser.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="retries of a failed request (default 3)")
+    parser.add_argument("--max-connections", type=positive(int), default=8, metavar="N",
+                       help="parallel connections to the server (default 8)")
+    parser.add_argument("--page-size", type=positive(int), default=1000, metavar="N",
+                       help="QIDO page size (limit) (default 1000)")
+    parser.add_argument("--qido-url", type=url, metavar="URL",
+                       help="QIDO-RS root, when it differs from URL")
+    parser.add_argument("--wado-url", type=url, metavar="URL",
+                       help="WADO-RS root, when it differs from URL")
+    parser.add_argument("--single-part", action="store_true",
+                       help="ask for instances as single-part application/dicom")
+    parser.add_argument("--transfer-syntax", default="*", metavar="UID",
+                       help="transfer syntax to ask for (default *: as stored)")
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    return ClientConfig(
+        base_url=args.url, qido_url=args.qido_url, wado_url=args.wado_url,
+        timeout=args.timeout, connect_timeout=args.connect_timeout,
+        max_connections=args.max_connections, page_size=args.page_size,
+        retries=args.retries, single_part=args.single_part,
+        transfer_syntax=args.transfer_syntax)
+
+
+def _cache_dir_option(parser: argparse.ArgumentParser, *, with_size: bool = False) -> None:
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), metavar="DIR",
                         help="cache folder (default $XDG_CACHE_HOME/dicomfs)")
+    if with_size:
+        parser.add_argument("--cache-size", type=parse_size, default=parse_size("10G"),
+                            metavar="SIZE", help="bound of the disk cache (default 10G)")
 
 
 def fuse_helper_argv(argv: list[str]) -> list[str]:
@@ -187,12 +221,7 @@ def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
     setup_logging(args.log_level, args.log_file)
     fuse_options = [o for group in args.options for o in group.split(",") if o]
     options = mount.MountOptions(
-        client=ClientConfig(
-            base_url=args.url, qido_url=args.qido_url, wado_url=args.wado_url,
-            timeout=args.timeout, connect_timeout=args.connect_timeout,
-            max_connections=args.max_connections, page_size=args.page_size,
-            retries=args.retries, single_part=args.single_part,
-            transfer_syntax=args.transfer_syntax),
+        client=client_config(args),
         mountpoint=args.mountpoint.resolve(), cache_dir=args.cache_dir.resolve(),
         cache_size=args.cache_size, listing_ttl=args.listing_ttl, deadline=args.deadline,
         fuse_options=fuse_options, uid=args.uid, gid=args.gid)
@@ -201,6 +230,7 @@ def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run_cache(args: argparse.Namespace) -> int:
     from dicomfs import store
+    from dicomfs.progress import human_bytes
 
     if args.cache_command == "clear":
         removed = store.clear(args.cache_dir, args.url)
@@ -211,19 +241,10 @@ def run_cache(args: argparse.Namespace) -> int:
     if not servers:
         print("empty")
     for server in servers:
-        print(f"{server.url}\n  {server.folder}\n  {_human(server.bytes)} in "
+        print(f"{server.url}\n  {server.folder}\n  {human_bytes(server.bytes)} in "
               f"{server.entries} entries, {server.listings} saved listings")
-    print(f"total: {_human(sum(s.bytes for s in servers))}")
+    print(f"total: {human_bytes(sum(s.bytes for s in servers))}")
     return 0
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
-        value /= 1024
-    return f"{size} B"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,4 +258,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return unmount(args.mountpoint)
     if args.command == "cache":
         return run_cache(args)
+    if args.command == "prefetch":
+        return run_prefetch(args)
     return 2
+
+
+def run_prefetch(args: argparse.Namespace) -> int:
+    import trio
+
+    from dicomfs.archive import Archive
+    from dicomfs.client import DicomwebClient
+    from dicomfs.errors import DicomfsError
+    from dicomfs.prefetch import prefetch
+    from dicomfs.store import Store
+
+    setup_logging(args.log_level, None)
+    store = Store.for_server(args.cache_dir, args.url, max_bytes=args.cache_size)
+
+    async def run() -> int:
+        async with DicomwebClient(client_config(args)) as client:
+            archive = Archive(client, store, retries=args.retries, deadline=args.deadline)
+            return await prefetch(archive, args.study, args.series)
+
+    try:
+        failed = trio.run(run)
+    except DicomfsError as exc:
+        print(f"dicomfs: prefetch failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndicomfs: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"dicomfs: {failed} instances could not be fetched (see above)", file=sys.stderr)
+        return 1
+    return 0

@@ -19,6 +19,7 @@ import trio
 from dicomfs import dicomjson
 from dicomfs.archive import Archive
 from dicomfs.errors import DicomfsError
+from dicomfs.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,39 @@ class Prefetcher:
 
     async def _fetch(self, study: str, series: str) -> None:
         started = time.monotonic()
+        sizes: list[int] = []
         try:
-            listing = await self.archive.instances(study, series)
-            wanted = [uid for ds in listing
-                      if (uid := dicomjson.uid(ds, dicomjson.SOP_UID)) is not None]
-            stored = await self.archive.fetch_series(study, series, wanted)
-            log.info("series %s: prefetched %d instances in %.2f s", series, stored,
-                     time.monotonic() - started)
+            await self.archive.fill_series(study, series, on_stored=sizes.append)
+            log.info("series %s: prefetched %d instances (%d bytes) in %.2f s", series,
+                     len(sizes), sum(sizes), time.monotonic() - started)
         except DicomfsError as exc:
             log.warning("series %s: prefetch failed: %s", series, exc)
         finally:
             self._running.discard((study, series))
+
+
+async def prefetch(archive: Archive, study: str, series: str | None = None) -> int:
+    """Fill the cache with a study (or one series) ahead of time; returns failures.
+
+    Resumable: what is cached already is skipped, so a second run after an
+    interruption fetches only the rest. Metadata comes along, for offline use.
+    """
+    if series is None:
+        found = await archive.series(study)
+        all_series = [uid for ds in found if (uid := dicomjson.uid(ds, dicomjson.SERIES_UID))]
+    else:
+        all_series = [series]
+    total = cached = 0
+    for one in all_series:
+        listing = await archive.instances(study, one)
+        uids = [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
+        total += len(uids)
+        cached += sum(archive.is_cached(study, one, uid) for uid in uids)
+    progress = Progress(total, done=cached)
+    failed: list[str] = []
+    for one in all_series:
+        failed += await archive.fill_series(study, one, on_stored=progress.add)
+        (await archive.metadata(study, one)).close()
+    (await archive.metadata(study)).close()
+    progress.finish()
+    return len(failed)
