@@ -9,18 +9,19 @@ ever served.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import cachetools
-import pydicom
 import trio
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 
 from dicomfs import dicomjson
 from dicomfs.client import DicomwebClient, Query
@@ -45,6 +46,7 @@ OFFLINE_ERRORS = (Unreachable, Timeout, ServerError)
 IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
 PARTS_IN_CHECK = 16
+LAST_UID_TAG = 0x0020000E  # SeriesInstanceUID: the last of the UIDs a part is checked for
 
 
 def _ignore(size: int) -> None:
@@ -59,24 +61,42 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-def identify(path: Path) -> tuple[str, str, str]:
-    """(study, series, instance) UIDs of a Part 10 file; IntegrityError if it is not one.
+def _identify(source: BinaryIO) -> tuple[str, str, str]:
+    """(study, series, instance) UIDs of a Part 10 stream, read no further than needed.
 
-    Runs in a worker thread: parsing a header is CPU work the FUSE loop must not wait on.
+    The three UIDs sit at the start of the dataset, so parsing stops after
+    (0020,000E): a few hundred bytes, whatever the size of the pixel data.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
-            "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
-    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        preamble = source.read(132)
+        if len(preamble) < 132 or preamble[128:] != b"DICM":
+            raise InvalidDicomError("no DICM prefix")
+        source.seek(0)
+        ds = read_partial(source, stop_when=lambda tag, vr, length: tag > LAST_UID_TAG)
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
         raise IntegrityError(f"not DICOM Part 10: {exc}") from None
     meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
     return (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
             str(ds.get("SOPInstanceUID", "") or meta_uid or ""))
 
 
-def verify_instance(path: Path, key: Key) -> None:
-    """Raise IntegrityError unless ``path`` is the instance ``key`` names."""
-    found = identify(path)[2]
+async def identify(writer: Writer) -> tuple[str, str, str]:
+    """The UIDs of a written part: from its head in memory, or from the file if the
+    header is larger than the head (then in a worker thread, being real work)."""
+    if len(writer.head) < writer.size:
+        with contextlib.suppress(IntegrityError):
+            return _identify(io.BytesIO(writer.head))
+
+    def from_file() -> tuple[str, str, str]:
+        with open(writer.path, "rb") as f:
+            return _identify(f)
+
+    return await trio.to_thread.run_sync(from_file)
+
+
+async def verify_instance(writer: Writer, key: Key) -> None:
+    """Raise IntegrityError unless the written part is the instance ``key`` names."""
+    found = (await identify(writer))[2]
     if found != key.instance:
         raise IntegrityError(f"asked for instance {key.instance}, got {found[:64]!r}")
 
@@ -262,7 +282,7 @@ class Archive:
                             writer.write(event.data)
                 if parts == 0:
                     raise ProtocolError("an instance answer with no part")
-                await trio.to_thread.run_sync(verify_instance, writer.path, key)
+                await verify_instance(writer, key)
                 self.store.commit(writer, key)
                 return
             except Truncated as exc:
@@ -366,7 +386,7 @@ class Archive:
                          in_check: trio.Semaphore) -> None:
         """Commit one part of a series stream if it is a claimed instance of that series."""
         try:
-            found = await trio.to_thread.run_sync(identify, writer.path)
+            found = await identify(writer)
             flight = claimed.pop(found[2], None) if found[:2] == (study, series) else None
             if flight is None:
                 writer.abort()

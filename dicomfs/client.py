@@ -141,8 +141,8 @@ class DicomwebClient:
 
     # -- plumbing -----------------------------------------------------------------
 
-    async def _send(self, url: str, *, accept: str,
-                    params: list[tuple[str, str]] | None = None) -> httpx.Response:
+    async def _send(self, url: str, *, accept: str, params: list[tuple[str, str]] | None = None,
+                    encoding: str | None = None) -> httpx.Response:
         """Send a GET and return the open response once its status is good.
 
         Retries cover the request up to its status line; a body that breaks later
@@ -151,7 +151,8 @@ class DicomwebClient:
         attempt = 0
         while True:
             try:
-                return await self._send_once(url, accept=accept, params=params)
+                return await self._send_once(url, accept=accept, params=params,
+                                             encoding=encoding)
             except DicomwebError as exc:
                 if not _retryable(exc) or attempt >= self.config.retries:
                     raise
@@ -161,17 +162,23 @@ class DicomwebClient:
                             self.config.retries, exc)
                 await trio.sleep(delay)
 
-    async def _send_once(self, url: str, *, accept: str,
-                         params: list[tuple[str, str]] | None) -> httpx.Response:
+    async def _send_once(self, url: str, *, accept: str, params: list[tuple[str, str]] | None,
+                         encoding: str | None) -> httpx.Response:
+        headers = {"Accept": accept}
+        if encoding:
+            headers["Accept-Encoding"] = encoding
         with _translated(url):
-            request = self._http.build_request("GET", url, params=params,
-                                               headers={"Accept": accept})
+            request = self._http.build_request("GET", url, params=params, headers=headers)
             response = await self._http.send(request, stream=True)
         if response.status_code < 400:
             return response
+        body = b""
         try:
             with _translated(url):
-                body = await response.aread()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) >= MAX_ERROR_TEXT:
+                        break
         finally:
             await response.aclose()
         message = body[:MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
@@ -187,8 +194,9 @@ class DicomwebClient:
 
     async def _get_bytes(self, url: str, *, accept: str,
                          params: list[tuple[str, str]] | None = None,
-                         limit: int = MAX_JSON_BYTES) -> tuple[bytes, httpx.Headers]:
+                         limit: int | None = None) -> tuple[bytes, httpx.Headers]:
         """A whole (bounded) body; a broken body is retried like a failed request."""
+        limit = MAX_JSON_BYTES if limit is None else limit
         attempt = 0
         while True:
             response = await self._send(url, accept=accept, params=params)
@@ -240,9 +248,8 @@ class DicomwebClient:
         """
         items = query.items() if isinstance(query, Mapping) else query
         base = [(str(k), str(v)) for k, v in items]
-        fields = list(fields)
-        if fields:
-            base.append(("includefield", ",".join(fields)))
+        # One parameter per field: some servers (Orthanc) ignore a comma list.
+        base += [("includefield", field) for field in fields]
         url = self._qido + path
         limit = self.config.page_size
         found: dict[str, Dataset] = {}
@@ -287,6 +294,12 @@ class DicomwebClient:
         body, _ = await self._get_bytes(self._wado + path, accept="application/dicom+json")
         return body
 
+    async def _send_retrieve(self, url: str, *, single_part: bool) -> httpx.Response:
+        # DICOM bytes are the payload, not text: compression costs CPU on both
+        # ends and hides the part lengths, so ask for them as they are.
+        return await self._send(url, accept=self._retrieve_accept(single_part),
+                                encoding="identity")
+
     def _retrieve_accept(self, single_part: bool) -> str:
         syntax = f"transfer-syntax={self.config.transfer_syntax}"
         if single_part:
@@ -310,12 +323,12 @@ class DicomwebClient:
         url = self._wado + path
         single = self.config.single_part and instance is not None
         try:
-            response = await self._send(url, accept=self._retrieve_accept(single))
+            response = await self._send_retrieve(url, single_part=single)
         except BadRequest as exc:
             # Some servers speak only one of the two forms for single instances.
             if instance is None or exc.status not in (400, 406, 415):
                 raise
-            response = await self._send(url, accept=self._retrieve_accept(not single))
+            response = await self._send_retrieve(url, single_part=not single)
         try:
             yield self._events(response, url)
         finally:
@@ -348,7 +361,7 @@ class DicomwebClient:
                                               accept=media_type)
         got, _ = parse_content_type(headers.get("Content-Type", media_type))
         if got != media_type:
-            raise ProtocolError(f"asked for {media_type}, got {got}")
+            raise ProtocolError(f"asked for {media_type}, got {got}", url=self._wado + path)
         return body
 
     async def probe(self) -> None:
@@ -361,7 +374,9 @@ async def _single_part(response: httpx.Response, content_type: str,
                        url: str) -> AsyncIterator[Event]:
     """A single-part ``application/dicom`` answer, presented as one multipart part."""
     headers = {"content-type": content_type}
-    declared = response.headers.get("Content-Length")
+    # A compressed answer's Content-Length counts compressed bytes; httpx checks it.
+    encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
+    declared = None if encoded else response.headers.get("Content-Length")
     if declared is not None:
         headers["content-length"] = declared
     yield PartStart(headers)

@@ -84,15 +84,25 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+HEAD_BYTES = 64 * 1024
+
+
 class Writer:
-    """A temporary file that becomes a cache entry on :meth:`Store.commit`."""
+    """A temporary file that becomes a cache entry on :meth:`Store.commit`.
+
+    It keeps the first HEAD_BYTES in memory too, so a header can be checked
+    without reading the file back.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.size = 0
+        self.head = b""
 
     def write(self, data: bytes) -> None:
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[:HEAD_BYTES - len(self.head)]
         view = memoryview(data)
         while view:
             written = os.write(self.fd, view)
