@@ -9,13 +9,12 @@ ever served.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
+import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable
 from typing import BinaryIO, TypeVar
 
 import cachetools
@@ -37,6 +36,7 @@ from dicomfs.errors import (
 )
 from dicomfs.multipart import PartData, PartStart
 from dicomfs.store import Blob, Key, Store, Writer
+from dicomfs.uids import is_uid
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,8 +45,14 @@ T = TypeVar("T")
 OFFLINE_ERRORS = (Unreachable, Timeout, ServerError)
 IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
-PARTS_IN_CHECK = 16
-LAST_UID_TAG = 0x0020000E  # SeriesInstanceUID: the last of the UIDs a part is checked for
+SOP_INSTANCE_UID_TAG = 0x00080018
+UNDEFINED_LENGTH = 0xFFFFFFFF
+IMPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2"
+# Every other transfer syntax encodes the dataset as explicit VR little endian, but these.
+NOT_LITTLE_ENDIAN = {b"1.2.840.10008.1.2.2", b"1.2.840.10008.1.2.1.99"}  # big endian, deflate
+# Explicit VRs whose length field is 4 bytes (PS3.5 7.1.2).
+LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+            b"UT", b"UV"}
 
 
 def _ignore(size: int) -> None:
@@ -61,44 +67,83 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-def _identify(source: BinaryIO) -> tuple[str, str, str]:
-    """(study, series, instance) UIDs of a Part 10 stream, read no further than needed.
+def _element(head: bytes, offset: int, explicit: bool) -> tuple[int, int, int]:
+    """(tag, value offset, value length) of the element at ``offset``, little endian."""
+    group, element = struct.unpack_from("<HH", head, offset)
+    if not explicit:
+        return (group << 16) | element, offset + 8, struct.unpack_from("<I", head, offset + 4)[0]
+    if head[offset + 4:offset + 6] in LONG_VRS:
+        return (group << 16) | element, offset + 12, struct.unpack_from("<I", head, offset + 8)[0]
+    return (group << 16) | element, offset + 8, struct.unpack_from("<H", head, offset + 6)[0]
 
-    The three UIDs sit at the start of the dataset, so parsing stops after
-    (0020,000E): a few hundred bytes, whatever the size of the pixel data.
+
+def _quick_sop_uid(head: bytes) -> str | None:
+    """The dataset's SOP Instance UID by walking the few elements before it, or None
+    when this file needs a real parser (big endian, deflate, sequences, long headers).
+
+    Raises IntegrityError when ``head`` is not the start of a Part 10 file.
     """
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise IntegrityError("not DICOM Part 10: no DICM prefix")
+    offset, syntax = 132, b""
     try:
-        preamble = source.read(132)
-        if len(preamble) < 132 or preamble[128:] != b"DICM":
-            raise InvalidDicomError("no DICM prefix")
-        source.seek(0)
-        ds = read_partial(source, stop_when=lambda tag, vr, length: tag > LAST_UID_TAG)
+        while True:  # file meta: group 0002, always explicit VR little endian
+            tag, start, length = _element(head, offset, explicit=True)
+            if tag >> 16 != 0x0002:
+                break
+            if tag == 0x00020010:
+                syntax = head[start:start + length].rstrip(b"\0 ")
+            offset = start + length
+        if not syntax or syntax in NOT_LITTLE_ENDIAN:
+            return None
+        explicit = syntax != IMPLICIT_VR_LITTLE_ENDIAN
+        while True:
+            tag, start, length = _element(head, offset, explicit)
+            if tag > SOP_INSTANCE_UID_TAG or length == UNDEFINED_LENGTH:
+                return None
+            if tag == SOP_INSTANCE_UID_TAG:
+                if start + length > len(head):
+                    return None
+                return head[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
+            offset = start + length
+    except struct.error:  # ran off the end of the head
+        return None
+
+
+def _parsed_sop_uid(source: BinaryIO) -> str:
+    """The dataset's SOP Instance UID, by pydicom, reading no further than that element."""
+    try:
+        ds = read_partial(source, stop_when=lambda tag, vr, length: tag > SOP_INSTANCE_UID_TAG)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
         raise IntegrityError(f"not DICOM Part 10: {exc}") from None
-    meta_uid = ds.file_meta.get("MediaStorageSOPInstanceUID") if ds.file_meta else None
-    return (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
-            str(ds.get("SOPInstanceUID", "") or meta_uid or ""))
+    return str(ds.get("SOPInstanceUID", ""))
 
 
-async def identify(writer: Writer) -> tuple[str, str, str]:
-    """The UIDs of a written part: from its head in memory, or from the file if the
-    header is larger than the head (then in a worker thread, being real work)."""
-    if len(writer.head) < writer.size:
-        with contextlib.suppress(IntegrityError):
-            return _identify(io.BytesIO(writer.head))
+async def sop_instance_uid(writer: Writer, expected: Container[str] = ()) -> str:
+    """The SOP Instance UID in a written part's dataset; IntegrityError if it has none.
 
-    def from_file() -> tuple[str, str, str]:
-        with open(writer.path, "rb") as f:
-            return _identify(f)
+    The dataset's UID is the instance's identity (servers index by it, and a file
+    meta that says otherwise exists in the wild). Nearly always the quick walk of
+    the head finds it; otherwise, or when the quick answer is not ``expected``,
+    pydicom reads the file, in a worker thread: a surprise is double-checked.
+    """
+    found = _quick_sop_uid(writer.head)
+    if found is None or found not in expected:
+        def from_file() -> str:
+            with open(writer.path, "rb") as f:
+                return _parsed_sop_uid(f)
 
-    return await trio.to_thread.run_sync(from_file)
+        found = await trio.to_thread.run_sync(from_file)
+    if not is_uid(found):
+        raise IntegrityError(f"not a DICOM instance: SOP Instance UID {found[:64]!r}")
+    return found
 
 
 async def verify_instance(writer: Writer, key: Key) -> None:
     """Raise IntegrityError unless the written part is the instance ``key`` names."""
-    found = (await identify(writer))[2]
+    found = await sop_instance_uid(writer, expected={key.instance or ""})
     if found != key.instance:
-        raise IntegrityError(f"asked for instance {key.instance}, got {found[:64]!r}")
+        raise IntegrityError(f"asked for instance {key.instance}, got {found!r}")
 
 
 def count_instances(raw: bytes) -> int:
@@ -353,53 +398,46 @@ class Archive:
 
     async def _stream_series(self, study: str, series: str, claimed: dict[str, _Flight],
                              on_stored: Callable[[int], None]) -> None:
-        """Write each part to a temporary file; check and commit parts alongside.
-
-        Checking a part takes a worker thread; doing it in line would leave the
-        socket idle, so up to PARTS_IN_CHECK parts are checked while more arrive.
-        """
-        in_check = trio.Semaphore(PARTS_IN_CHECK)
-        async with trio.open_nursery() as nursery:
-            writer = None
-            try:
-                async with self.client.retrieve(study, series) as events:
-                    async for event in events:
-                        if isinstance(event, PartStart):
-                            await in_check.acquire()
-                            writer = self.store.writer()
-                        elif isinstance(event, PartData) and writer is not None:
-                            writer.write(event.data)
-                        elif writer is not None:
-                            nursery.start_soon(self._keep_part, writer, study, series,
-                                               claimed, on_stored, in_check)
-                            writer = None
-            except DicomfsError as exc:
-                log.warning("series %s: bulk fetch stopped (%s); the rest comes one by one",
-                            series, exc)
-            finally:
-                if writer is not None:
-                    writer.abort()
-                    in_check.release()
+        """Write each part to a temporary file and keep it if it is a claimed instance."""
+        writer = None
+        try:
+            async with self.client.retrieve(study, series) as events:
+                async for event in events:
+                    if isinstance(event, PartStart):
+                        writer = self.store.writer()
+                    elif isinstance(event, PartData) and writer is not None:
+                        writer.write(event.data)
+                    elif writer is not None:
+                        await self._keep_part(writer, study, series, claimed, on_stored)
+                        writer = None
+        except DicomfsError as exc:
+            log.warning("series %s: bulk fetch stopped (%s); the rest comes one by one",
+                        series, exc)
+        finally:
+            if writer is not None:
+                writer.abort()
 
     async def _keep_part(self, writer: Writer, study: str, series: str,
-                         claimed: dict[str, _Flight], on_stored: Callable[[int], None],
-                         in_check: trio.Semaphore) -> None:
-        """Commit one part of a series stream if it is a claimed instance of that series."""
+                         claimed: dict[str, _Flight], on_stored: Callable[[int], None]
+                         ) -> None:
+        """Commit one part of a series stream if it is a claimed instance of that series.
+
+        Claimed UIDs come from the series' QIDO listing, and SOP Instance UIDs are
+        unique, so a part whose UID was claimed is that instance of this series.
+        """
         try:
-            found = await identify(writer)
-            flight = claimed.pop(found[2], None) if found[:2] == (study, series) else None
+            found = await sop_instance_uid(writer, expected=claimed)
+            flight = claimed.pop(found, None)
             if flight is None:
                 writer.abort()
                 return
-            key = Key(study, series, found[2], "dcm")
+            key = Key(study, series, found, "dcm")
             self.store.commit(writer, key)
             self._land(key, flight)
             on_stored(writer.size)
         except (IntegrityError, OSError) as exc:
             writer.abort()
             log.warning("series %s: skipped a part (%s)", series, exc)
-        finally:
-            in_check.release()
 
     def _land(self, key: object, flight: _Flight) -> None:
         if self._flights.get(key) is flight:

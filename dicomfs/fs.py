@@ -33,6 +33,7 @@ IMMUTABLE_TIMEOUT = 3600.0  # exact attributes of immutable files and known name
 FOLDER_TIMEOUT = 60.0  # folders can gain children: series arrive in a study
 NEGATIVE_TIMEOUT = 10.0  # a UID that is not there yet may appear
 BLOCK = 512
+STORE_AHEAD_BYTES = 8 * 1024 * 1024
 
 
 def _errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -80,6 +81,7 @@ class DicomFS(pyfuse3.Operations):
         self._handles = itertools.count(1)
         self._files: dict[int, Blob] = {}
         self._folders: dict[int, list[Node]] = {}
+        self._stored: set[int] = set()
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -148,9 +150,23 @@ class DicomFS(pyfuse3.Operations):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             except OSError as exc:
                 log.debug("invalidate_inode(%d): %s", inode, exc)
+        if inode not in self._stored and blob.size <= STORE_AHEAD_BYTES:
+            self._store_ahead(inode, blob)
         handle = next(self._handles)
         self._files[handle] = blob
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    def _store_ahead(self, inode: int, blob: Blob) -> None:
+        """Put a whole (small) file into the kernel's page cache at open.
+
+        The reader's READ requests then never reach Python: one copy instead of a
+        round trip through the event loop per 256 KiB. Immutable files make it safe.
+        """
+        try:
+            pyfuse3.notify_store(inode, 0, os.pread(blob.fd, blob.size, 0))
+            self._stored.add(inode)
+        except OSError as exc:
+            log.debug("notify_store(%d): %s", inode, exc)
 
     @_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:

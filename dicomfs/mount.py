@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
 MAX_TASKS = 64
+READAHEAD_KB = 1024
 
 
 @dataclass
@@ -120,10 +121,24 @@ async def _unmount_on_signal(cancel_scope: trio.CancelScope) -> None:
 
 async def _report_ready(mountpoint: Path, ready: Callable[[], None] | None) -> None:
     """Tell the parent once the kernel has really answered through our loop."""
-    await trio.to_thread.run_sync(os.stat, mountpoint)
+    info = await trio.to_thread.run_sync(os.stat, mountpoint)
+    _raise_readahead(info.st_dev)
     log.info("mounted at %s", mountpoint)
     if ready is not None:
         ready()
+
+
+def _raise_readahead(device: int) -> None:
+    """Let the kernel read ahead up to FUSE's largest request (1 MiB) instead of 128 KiB.
+
+    Sequential readers then cost a quarter of the round trips. Only root may
+    change it; others keep the default, which is correct, only slower.
+    """
+    path = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    try:
+        path.write_text(str(READAHEAD_KB))
+    except OSError as exc:
+        log.debug("readahead left at the default: %s", exc)
 
 
 def run_foreground(options: MountOptions, ready_fd: int | None = None) -> int:
