@@ -324,7 +324,7 @@ class Archive:
                             if parts > 1:
                                 raise ProtocolError("an instance answer with several parts")
                         elif isinstance(event, PartData):
-                            writer.write(event.data)
+                            self._write_bounded(writer, event.data)
                 if parts == 0:
                     raise ProtocolError("an instance answer with no part")
                 await verify_instance(writer, key)
@@ -406,7 +406,7 @@ class Archive:
                     if isinstance(event, PartStart):
                         writer = self.store.writer()
                     elif isinstance(event, PartData) and writer is not None:
-                        writer.write(event.data)
+                        self._write_bounded(writer, event.data)
                     elif writer is not None:
                         await self._keep_part(writer, study, series, claimed, on_stored)
                         writer = None
@@ -443,6 +443,17 @@ class Archive:
         if self._flights.get(key) is flight:
             del self._flights[key]
         flight.done.set()
+
+    def _write_bounded(self, writer: Writer, data: bytes) -> None:
+        """Write part data, refusing a part larger than the whole cache may hold.
+
+        Without a bound, a broken or hostile server streaming without end would
+        fill the disk before any check at commit time could object.
+        """
+        if writer.size + len(data) > self.store.max_bytes:
+            raise ProtocolError(f"an instance larger than the cache size "
+                                f"({self.store.max_bytes} bytes); raise --cache-size")
+        writer.write(data)
 
     # -- plumbing ---------------------------------------------------------------------
 

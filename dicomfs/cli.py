@@ -8,6 +8,7 @@ read as ``dicomfs mount``, with our own settings accepted as ``-o`` options.
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import re
@@ -16,6 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicomfs import __version__
+from dicomfs.auth import (
+    CredentialError,
+    Secrets,
+    build_auth,
+    parse_header,
+    receive_secrets,
+    send_secrets,
+)
 from dicomfs.client import ClientConfig
 from dicomfs.store import server_folder_name
 from dicomfs.uids import is_uid
@@ -61,6 +70,14 @@ def url(text: str) -> str:
     return text.rstrip("/")
 
 
+def query_term(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z]+|[0-9A-Fa-f]{8}", key) or not value:
+        raise argparse.ArgumentTypeError(
+            f"not a QIDO match {text!r}: use KEY=VALUE with a DICOM keyword or tag")
+    return key, value
+
+
 def uid_argument(text: str) -> str:
     if not is_uid(text):
         raise argparse.ArgumentTypeError(f"not a DICOM UID: {text!r}")
@@ -92,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log here (default: stderr in the foreground, else mount.log "
                        "in the server's cache folder)")
     _client_options(mount)
+    mount.add_argument("--query", action="append", type=query_term, default=[],
+                       metavar="KEY=VALUE", help="show only the studies matching this QIDO "
+                       "match (repeatable), e.g. PatientID=123 or StudyDate=20240101-20241231")
     mount.add_argument("--uid", type=int, help="owner of every file (default: you)")
     mount.add_argument("--gid", type=int, help="group of every file (default: yours)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -148,13 +168,90 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
                        help="transfer syntax to ask for (default *: as stored)")
 
 
-def client_config(args: argparse.Namespace) -> ClientConfig:
+    credentials = parser.add_argument_group(
+        "authentication", "Pick one of the first four. Secrets given here are handed to the "
+        "running filesystem through a pipe, never left on its command line; prefer "
+        "--token-file, --token-command or DICOMFS_PASSWORD all the same: a shell keeps history.")
+    scheme = credentials.add_mutually_exclusive_group()
+    scheme.add_argument("--bearer-token", metavar="TOKEN", help="a fixed OAuth bearer token")
+    scheme.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="read the bearer token from FILE (again when it expires)")
+    scheme.add_argument("--token-command", metavar="COMMAND",
+                        help="run COMMAND to get a bearer token, again on 401 or expiry "
+                        "(e.g. 'gcloud auth print-access-token')")
+    scheme.add_argument("--user", metavar="NAME", help="HTTP basic auth user; the password "
+                        "comes from DICOMFS_PASSWORD, --password-file or a prompt")
+    credentials.add_argument("--password-file", type=Path, metavar="FILE",
+                             help="basic auth password from FILE")
+    credentials.add_argument("--token-lifetime", type=positive(float), default=3000.0,
+                             metavar="SECONDS", help="fetch a token from a file or command "
+                             "again after this long (default 3000)")
+    credentials.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                             help="an extra HTTP header for every request (repeatable)")
+    credentials.add_argument("--ca-bundle", type=Path, metavar="FILE",
+                             help="trust the server certificates signed by these CAs")
+    credentials.add_argument("--client-cert", type=Path, metavar="FILE",
+                             help="TLS client certificate (PEM, may include the key)")
+    credentials.add_argument("--client-key", type=Path, metavar="FILE",
+                             help="TLS client key, when not in --client-cert")
+    parser.add_argument("--secrets-fd", type=int, help=argparse.SUPPRESS)
+
+
+# Options whose values are secrets: moved off the command line before a process keeps running.
+SECRET_OPTIONS = ("--bearer-token", "--header")
+
+
+def gather_secrets(args: argparse.Namespace) -> Secrets:
+    """Secrets from the pipe a parent process sent, or from options, env, file, prompt."""
+    if args.secrets_fd is not None:
+        return receive_secrets(args.secrets_fd)
+    secrets = Secrets(bearer_token=args.bearer_token, headers=list(args.header))
+    for header in secrets.headers:
+        parse_header(header)
+    if args.user:
+        if args.password_file:
+            try:
+                secrets.password = args.password_file.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise CredentialError(f"cannot read {args.password_file}: {exc.strerror}"
+                                      ) from None
+        elif "DICOMFS_PASSWORD" in os.environ:
+            secrets.password = os.environ["DICOMFS_PASSWORD"]
+        elif sys.stdin.isatty():
+            secrets.password = getpass.getpass(f"password for {args.user} at {args.url}: ")
+        else:
+            raise CredentialError("no password for --user: set DICOMFS_PASSWORD, give "
+                                  "--password-file, or run in a terminal to be asked")
+    return secrets
+
+
+def without_secrets(argv: list[str]) -> list[str]:
+    """``argv`` less every secret-valued option, in either '--opt value' or '--opt=value'."""
+    kept: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word in SECRET_OPTIONS:
+            next(words, None)
+        elif not word.startswith(tuple(f"{option}=" for option in SECRET_OPTIONS)):
+            kept.append(word)
+    return kept
+
+
+def client_config(args: argparse.Namespace, secrets: Secrets) -> ClientConfig:
+    cert: str | tuple[str, str] | None = None
+    if args.client_cert:
+        cert = (str(args.client_cert), str(args.client_key)) if args.client_key else \
+            str(args.client_cert)
     return ClientConfig(
         base_url=args.url, qido_url=args.qido_url, wado_url=args.wado_url,
         timeout=args.timeout, connect_timeout=args.connect_timeout,
         max_connections=args.max_connections, page_size=args.page_size,
         retries=args.retries, single_part=args.single_part,
-        transfer_syntax=args.transfer_syntax)
+        transfer_syntax=args.transfer_syntax,
+        headers=dict(parse_header(h) for h in secrets.headers),
+        auth=build_auth(secrets=secrets, user=args.user, token_file=args.token_file,
+                        token_command=args.token_command, token_lifetime=args.token_lifetime),
+        verify=str(args.ca_bundle) if args.ca_bundle else True, cert=cert)
 
 
 def _cache_dir_option(parser: argparse.ArgumentParser, *, with_size: bool = False) -> None:
@@ -195,7 +292,9 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
 
 OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file", "timeout",
                "connect-timeout", "deadline", "retries", "max-connections", "page-size",
-               "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid"}
+               "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid",
+               "token-file", "token-command", "token-lifetime", "user", "password-file",
+               "ca-bundle", "client-cert", "client-key", "query"}
 
 
 def setup_logging(level: str, log_file: Path | None) -> None:
@@ -215,16 +314,23 @@ def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.mountpoint.is_dir():
         print(f"dicomfs: mount point {args.mountpoint} is not a folder", file=sys.stderr)
         return 2
+    secrets = gather_secrets(args)
+    clean = without_secrets(argv)
     if not args.foreground:
         log_file = args.log_file or (args.cache_dir / server_folder_name(args.url) / "mount.log")
-        return mount.start_background([*argv, "--log-file", str(log_file)], log_file)
+        return mount.start_background([*clean, "--log-file", str(log_file)], log_file,
+                                      send_secrets(secrets) if secrets else None)
+    if clean != argv:  # secrets on our own command line: run again without them
+        fd = send_secrets(secrets)
+        os.execv(sys.executable, [sys.executable, "-m", "dicomfs", *clean,
+                                  "--secrets-fd", str(fd)])
     setup_logging(args.log_level, args.log_file)
     fuse_options = [o for group in args.options for o in group.split(",") if o]
     options = mount.MountOptions(
-        client=client_config(args),
+        client=client_config(args, secrets),
         mountpoint=args.mountpoint.resolve(), cache_dir=args.cache_dir.resolve(),
         cache_size=args.cache_size, listing_ttl=args.listing_ttl, deadline=args.deadline,
-        fuse_options=fuse_options, uid=args.uid, gid=args.gid)
+        fuse_options=fuse_options, uid=args.uid, gid=args.gid, scope=dict(args.query))
     return mount.run_foreground(options, ready_fd=args.ready_fd)
 
 
@@ -250,6 +356,14 @@ def run_cache(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = fuse_helper_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv)
+    except CredentialError as exc:
+        print(f"dicomfs: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "mount":
         return run_mount(args, argv)
     if args.command == "unmount":
@@ -274,9 +388,10 @@ def run_prefetch(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level, None)
     store = Store.for_server(args.cache_dir, args.url, max_bytes=args.cache_size)
+    config = client_config(args, gather_secrets(args))
 
     async def run() -> int:
-        async with DicomwebClient(client_config(args)) as client:
+        async with DicomwebClient(config) as client:
             archive = Archive(client, store, retries=args.retries, deadline=args.deadline)
             return await prefetch(archive, args.study, args.series)
 

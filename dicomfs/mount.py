@@ -53,6 +53,7 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)
     uid: int | None = None
     gid: int | None = None
+    scope: dict[str, str] = field(default_factory=dict)
 
 
 class MountError(DicomfsError):
@@ -159,17 +160,27 @@ def run_foreground(options: MountOptions, ready_fd: int | None = None) -> int:
     return 0
 
 
-def start_background(argv: list[str], log_file: Path) -> int:
-    """Start ``dicomfs mount --foreground`` detached and wait until it is ready or failed."""
+def start_background(argv: list[str], log_file: Path, secrets_fd: int | None = None) -> int:
+    """Start ``dicomfs mount --foreground`` detached and wait until it is ready or failed.
+
+    Secrets reach the child through ``secrets_fd``; the environment variable that may
+    have carried the password is not passed on.
+    """
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "dicomfs", *argv, "--foreground",
                "--ready-fd", str(write_end)]
+    fds = [write_end]
+    if secrets_fd is not None:
+        command += ["--secrets-fd", str(secrets_fd)]
+        fds.append(secrets_fd)
+    environment = {k: v for k, v in os.environ.items() if k != "DICOMFS_PASSWORD"}
     log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(log_file, "ab") as log_stream:
         os.chmod(log_file, 0o600)
-        child = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+        child = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL, env=environment,
                                  stdout=log_stream, stderr=log_stream, start_new_session=True)
-    os.close(write_end)
+    for fd in fds:
+        os.close(fd)
     answer = _read_answer(read_end, child)
     os.close(read_end)
     if answer == "ok":
