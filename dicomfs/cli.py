@@ -298,6 +298,8 @@ OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file"
 
 
 def setup_logging(level: str, log_file: Path | None) -> None:
+    if log_file:  # private from the start: a log names studies and servers
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     handler: logging.Handler = (logging.FileHandler(log_file) if log_file
                                 else logging.StreamHandler())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
