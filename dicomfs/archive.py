@@ -186,23 +186,28 @@ class Archive:
     async def find_study(self, study: str) -> Dataset | None:
         """One study by UID, also one that a server's result cap hides from the full list.
 
-        Offline, the saved full listing answers instead.
+        Offline, the saved full listing answers instead, or failing that the cache
+        itself: a study with cached entries exists.
         """
         try:
             found = await self._listing(
                 f"study/{study}",
                 lambda: self.client.search_studies({"StudyInstanceUID": study}))
         except OFFLINE_ERRORS:
+            if self.store.holds(Key(study)):
+                return {dicomjson.STUDY_UID: {"vr": "UI", "Value": [study]}}
             found = await self.studies()
         return _pick(found, dicomjson.STUDY_UID, study)
 
     async def find_series(self, study: str, series: str) -> Dataset | None:
-        """One series by UID; offline, the saved listing of its study answers instead."""
+        """One series by UID; offline, the saved listing of its study or the cache answers."""
         try:
             found = await self._listing(
                 f"series/{study}/{series}",
                 lambda: self.client.search_series(study, {"SeriesInstanceUID": series}))
         except OFFLINE_ERRORS:
+            if self.store.holds(Key(study, series)):
+                return {dicomjson.SERIES_UID: {"vr": "UI", "Value": [series]}}
             found = await self.series(study)
         return _pick(found, dicomjson.SERIES_UID, series)
 
@@ -241,15 +246,16 @@ class Archive:
 
     # -- metadata (WADO-RS) ---------------------------------------------------------
 
-    async def metadata(self, study: str, series: str | None = None, *,
-                       expected: int | None = None) -> Blob:
+    async def metadata(self, study: str, series: str | None = None) -> Blob:
         """Study or series metadata as the server sent it, fetched again when stale.
 
         A study still receiving instances changes its metadata: when QIDO's instance
-        count (``expected``) differs from what the cached copy describes, it is refetched.
+        count (from a listing no older than the TTL) differs from what the cached copy
+        describes, it is refetched.
         """
         key = Key(study, series)
         blob = self.store.open(key)
+        expected = await self._instance_count(study, series) if blob is not None else None
         if blob is not None and expected is not None and \
                 await self._cached_count(key, blob) != expected:
             log.info("metadata of %s is stale (instance count changed); fetching again",
@@ -267,6 +273,17 @@ class Archive:
             log.warning("metadata of %s: serving the cached copy (%s)", series or study, exc)
             return stale
         return await self._open_filled(key)
+
+    async def _instance_count(self, study: str, series: str | None) -> int | None:
+        """What QIDO says the study or series holds; None when it cannot say."""
+        try:
+            if series is None:
+                found, tag = await self.find_study(study), dicomjson.STUDY_INSTANCES
+            else:
+                found, tag = await self.find_series(study, series), dicomjson.SERIES_INSTANCES
+        except DicomfsError:
+            return None
+        return dicomjson.integer(found, tag) if found else None
 
     async def _cached_count(self, key: Key, blob: Blob) -> int:
         if key not in self._metadata_counts:
@@ -351,8 +368,10 @@ class Archive:
         wanted = [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
         missing = [uid for uid in wanted if not self.is_cached(study, series, uid)]
         if len(missing) * 2 > len(wanted):
-            await self.fetch_series(study, series, missing, on_stored=on_stored)
-            missing = [uid for uid in missing if not self.is_cached(study, series, uid)]
+            delivered = await self.fetch_series(study, series, missing, on_stored=on_stored)
+            # Not "what is not cached now": a small cache may already have evicted
+            # what the stream delivered, and fetching that again would loop.
+            missing = [uid for uid in missing if uid not in delivered]
         failed: list[str] = []
         limiter = trio.CapacityLimiter(self.client.config.max_connections)
 
@@ -376,25 +395,27 @@ class Archive:
         return self.store.size(Key(study, series, instance, "dcm")) is not None
 
     async def fetch_series(self, study: str, series: str, wanted: Iterable[str], *,
-                           on_stored: Callable[[int], None] = _ignore) -> None:
+                           on_stored: Callable[[int], None] = _ignore) -> set[str]:
         """Stream a series into the store in one request, keeping the ``wanted`` instances.
 
         The wanted instances that are neither cached nor already on their way are
         claimed first, so that opening one of them waits for this stream instead
         of asking the server a second time. Whatever the stream does not deliver
-        is released, and its waiters fetch it on their own.
+        is released, and its waiters fetch it on their own. Returns the UIDs stored.
         """
         claimed: dict[str, _Flight] = {}
         for instance in wanted:
             key = Key(study, series, instance, "dcm")
             if self.store.size(key) is None and key not in self._flights:
                 claimed[instance] = self._flights[key] = _Flight()
+        wanted_here = set(claimed)
         try:
             if claimed:
                 await self._stream_series(study, series, claimed, on_stored)
         finally:
             for instance, flight in claimed.items():
                 self._land(Key(study, series, instance, "dcm"), flight)
+        return wanted_here - set(claimed)
 
     async def _stream_series(self, study: str, series: str, claimed: dict[str, _Flight],
                              on_stored: Callable[[int], None]) -> None:

@@ -389,7 +389,11 @@ def run_prefetch(args: argparse.Namespace) -> int:
     from dicomfs.store import Store
 
     setup_logging(args.log_level, None)
-    store = Store.for_server(args.cache_dir, args.url, max_bytes=args.cache_size)
+    try:
+        store = Store.for_server(args.cache_dir, args.url, max_bytes=args.cache_size)
+    except OSError as exc:
+        print(f"dicomfs: cannot use the cache folder {args.cache_dir}: {exc}", file=sys.stderr)
+        return 1
     config = client_config(args, gather_secrets(args))
 
     async def run() -> int:

@@ -48,6 +48,12 @@ INSTANCE_FIELDS = (
     dicomjson.BITS_ALLOCATED, dicomjson.SAMPLES_PER_PIXEL,
 )
 SERIES_FIELDS = (dicomjson.SERIES_DATE, dicomjson.SERIES_TIME)
+# The readable trees name study folders by patient, date and description (dicomfs.names);
+# StudyDescription is no QIDO default, the others are asked for in case a server omits them.
+STUDY_FIELDS = (
+    dicomjson.STUDY_DATE, dicomjson.STUDY_TIME, dicomjson.STUDY_DESCRIPTION,
+    dicomjson.PATIENT_NAME, dicomjson.PATIENT_ID, dicomjson.STUDY_INSTANCES,
+)
 
 Query = Mapping[str, str] | Iterable[tuple[str, str]]
 
@@ -222,7 +228,7 @@ class DicomwebClient:
     # -- QIDO-RS --------------------------------------------------------------------
 
     async def search_studies(self, query: Query = (), *,
-                             fields: Iterable[str] = ()) -> list[Dataset]:
+                             fields: Iterable[str] = STUDY_FIELDS) -> list[Dataset]:
         """All studies matching ``query``, every page."""
         return await self._search("/studies", dicomjson.STUDY_UID, query, fields)
 

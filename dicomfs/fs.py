@@ -32,6 +32,7 @@ R = TypeVar("R")
 IMMUTABLE_TIMEOUT = 3600.0  # exact attributes of immutable files and known names
 FOLDER_TIMEOUT = 60.0  # folders can gain children: series arrive in a study
 NEGATIVE_TIMEOUT = 10.0  # a UID that is not there yet may appear
+MUTABLE_TIMEOUT = 1.0  # metadata.json: its study may still be receiving instances
 BLOCK = 512
 STORE_AHEAD_BYTES = 8 * 1024 * 1024
 
@@ -94,8 +95,9 @@ class DicomFS(pyfuse3.Operations):
             attr.st_mode = stat.S_IFREG | 0o444
             attr.st_nlink = 1
             # An estimated size must be asked for again, so the kernel never clamps
-            # reads to it once the exact size is known.
-            attr.attr_timeout = IMMUTABLE_TIMEOUT if node.exact else 0
+            # reads to it once the exact size is known; metadata can grow.
+            attr.attr_timeout = (IMMUTABLE_TIMEOUT if node.exact and node.immutable
+                                 else MUTABLE_TIMEOUT if node.exact else 0)
             attr.entry_timeout = IMMUTABLE_TIMEOUT
         attr.st_size = node.size
         attr.st_blksize = 128 * 1024
@@ -142,19 +144,19 @@ class DicomFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.tree.node(inode)
-        was_exact = node.exact
+        known = (node.exact, node.size)
         blob = await self.tree.open(inode)
-        if not was_exact:
-            # The kernel may hold the estimate; make it ask again before it trusts a size.
+        if known != (True, blob.size):
+            # The kernel may hold an estimate or an older metadata size: make it ask again.
             try:
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             except OSError as exc:
                 log.debug("invalidate_inode(%d): %s", inode, exc)
-        if inode not in self._stored and blob.size <= STORE_AHEAD_BYTES:
+        if node.immutable and inode not in self._stored and blob.size <= STORE_AHEAD_BYTES:
             self._store_ahead(inode, blob)
         handle = next(self._handles)
         self._files[handle] = blob
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=node.immutable)
 
     def _store_ahead(self, inode: int, blob: Blob) -> None:
         """Put a whole (small) file into the kernel's page cache at open.

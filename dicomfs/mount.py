@@ -68,8 +68,11 @@ def fsname(url: str) -> str:
 
 
 def open_store(options: MountOptions) -> Store:
-    return Store.for_server(options.cache_dir, options.client.base_url,
-                            max_bytes=options.cache_size)
+    try:
+        return Store.for_server(options.cache_dir, options.client.base_url,
+                                max_bytes=options.cache_size)
+    except OSError as exc:
+        raise MountError(f"cannot use the cache folder {options.cache_dir}: {exc}") from None
 
 
 async def serve(options: MountOptions, *, ready: Callable[[], None] | None = None) -> None:

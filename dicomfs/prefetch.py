@@ -18,8 +18,9 @@ import trio
 
 from dicomfs import dicomjson
 from dicomfs.archive import Archive
-from dicomfs.errors import DicomfsError
+from dicomfs.errors import DicomfsError, NotFound
 from dicomfs.progress import Progress
+from dicomfs.store import Key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Prefetcher:
         self.window = window
         self._misses: defaultdict[tuple[str, str], deque[float]] = defaultdict(deque)
         self._running: set[tuple[str, str]] = set()
+        self._too_large: set[tuple[str, str]] = set()
         self._send, self._receive = trio.open_memory_channel[tuple[str, str]](math.inf)
 
     async def run(self) -> None:
@@ -48,7 +50,7 @@ class Prefetcher:
     def note_miss(self, study: str, series: str) -> None:
         """An instance of this series is about to be fetched because it was not cached."""
         series_key = (study, series)
-        if series_key in self._running:
+        if series_key in self._running or series_key in self._too_large:
             return
         now = time.monotonic()
         misses = self._misses[series_key]
@@ -64,13 +66,31 @@ class Prefetcher:
         started = time.monotonic()
         sizes: list[int] = []
         try:
-            await self.archive.fill_series(study, series, on_stored=sizes.append)
-            log.info("series %s: prefetched %d instances (%d bytes) in %.2f s", series,
-                     len(sizes), sum(sizes), time.monotonic() - started)
+            if await self._too_big(study, series):
+                self._too_large.add((study, series))
+            else:
+                await self.archive.fill_series(study, series, on_stored=sizes.append)
+                log.info("series %s: prefetched %d instances (%d bytes) in %.2f s", series,
+                         len(sizes), sum(sizes), time.monotonic() - started)
         except DicomfsError as exc:
             log.warning("series %s: prefetch failed: %s", series, exc)
+        except Exception:  # a background task must never take the mount down
+            log.exception("series %s: prefetch failed unexpectedly", series)
         finally:
             self._running.discard((study, series))
+
+    async def _too_big(self, study: str, series: str) -> bool:
+        """Whether the series, judged by its instances cached so far, would take more than
+        half the cache: prefetching it would evict what it brings before it is read."""
+        listing = await self.archive.instances(study, series)
+        uids = [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
+        known = [size for uid in uids
+                 if (size := self.archive.store.size(Key(study, series, uid, "dcm")))]
+        if not known or sum(known) / len(known) * len(uids) <= self.archive.store.max_bytes / 2:
+            return False
+        log.info("series %s: too large for the cache to prefetch; reading it file by file",
+                 series)
+        return True
 
 
 async def prefetch(archive: Archive, study: str, series: str | None = None) -> int:
@@ -79,11 +99,17 @@ async def prefetch(archive: Archive, study: str, series: str | None = None) -> i
     Resumable: what is cached already is skipped, so a second run after an
     interruption fetches only the rest. Metadata comes along, for offline use.
     """
+    if await archive.find_study(study) is None:
+        raise NotFound(f"no study {study} on the server")
     if series is None:
         found = await archive.series(study)
         all_series = [uid for ds in found if (uid := dicomjson.uid(ds, dicomjson.SERIES_UID))]
+    elif await archive.find_series(study, series) is None:
+        raise NotFound(f"no series {series} in study {study}")
     else:
         all_series = [series]
+    for one in all_series:  # saved, so that a mount can look them up offline
+        await archive.find_series(study, one)
     total = cached = 0
     for one in all_series:
         listing = await archive.instances(study, one)

@@ -192,6 +192,10 @@ class Store:
         self._touch(rel, path, size)
         return Blob(fd, size)
 
+    def holds(self, key: Key) -> bool:
+        """Whether anything is cached for the study or series a metadata ``key`` names."""
+        return (self._objects / key.relpath()).parent.is_dir()
+
     def size(self, key: Key) -> int | None:
         """The entry's size if this process knows it is cached (no disk access)."""
         return self._sizes.get(key.relpath())
@@ -216,7 +220,7 @@ class Store:
         os.close(writer.fd)
         writer.fd = -1
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _make_dirs(self._objects, path.parent)
             os.replace(writer.path, path)
         except OSError:
             writer.abort()
@@ -314,6 +318,16 @@ class Store:
         except BaseException:
             writer.abort()
             raise
+
+
+def _make_dirs(base: Path, folder: Path) -> None:
+    """Create ``folder`` below ``base`` with every new level 0700 (makedirs would give
+    intermediate levels the umask's mode)."""
+    current = base
+    for part in folder.relative_to(base).parts:
+        current = current / part
+        with contextlib.suppress(FileExistsError):
+            current.mkdir(mode=0o700)
 
 
 def _pid_alive(pid: int) -> bool:

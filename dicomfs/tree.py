@@ -69,11 +69,15 @@ class Node:
     size: int = 0
     exact: bool = True
     mtime: float = 0.0
-    expected: int | None = None  # instance count QIDO reports, to spot stale metadata
 
     @property
     def is_dir(self) -> bool:
         return self.kind in DIRECTORIES
+
+    @property
+    def immutable(self) -> bool:
+        """Instances and rendered images never change; metadata grows with its study."""
+        return self.kind is not Kind.METADATA
 
     @property
     def key(self) -> Key:
@@ -212,20 +216,17 @@ class Tree:
         uid = dicomjson.uid(ds, dicomjson.STUDY_UID) or ""
         return self._add(kind, (uid,), uid, study=uid,
                          mtime=dicomjson.timestamp(ds, dicomjson.STUDY_DATE,
-                                                   dicomjson.STUDY_TIME),
-                         expected=dicomjson.integer(ds, dicomjson.STUDY_INSTANCES))
+                                                   dicomjson.STUDY_TIME))
 
     def _series_node(self, kind: Kind, parent: Node, ds: Dataset) -> Node:
         uid = dicomjson.uid(ds, dicomjson.SERIES_UID) or ""
         mtime = dicomjson.timestamp(ds, dicomjson.SERIES_DATE, dicomjson.SERIES_TIME)
         return self._add(kind, (parent.study, uid), uid, study=parent.study, series=uid,
-                         mtime=mtime or parent.mtime,
-                         expected=dicomjson.integer(ds, dicomjson.SERIES_INSTANCES))
+                         mtime=mtime or parent.mtime)
 
     def _metadata_node(self, parent: Node) -> Node:
         node = self._add(Kind.METADATA, (parent.study, parent.series), METADATA,
                          study=parent.study, series=parent.series, mtime=parent.mtime)
-        node.expected = parent.expected
         self._refresh_size(node, estimate=PLACEHOLDER_SIZE)
         return node
 
@@ -270,8 +271,7 @@ class Tree:
             blob = await self.archive.rendered(node.study or "", node.series or "",
                                                node.instance or "", node.fmt or "png")
         elif node.kind is Kind.METADATA:
-            blob = await self.archive.metadata(node.study or "", node.series,
-                                               expected=node.expected)
+            blob = await self.archive.metadata(node.study or "", node.series)
         else:
             raise IsADirectoryError(node.name)
         node.size, node.exact = blob.size, True
