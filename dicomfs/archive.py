@@ -211,6 +211,23 @@ class Archive:
             found = await self.series(study)
         return _pick(found, dicomjson.SERIES_UID, series)
 
+    async def find_instance(self, study: str, series: str, instance: str) -> Dataset | None:
+        """One instance by UID: from the series listing when it is at hand, else one
+        QIDO query. Opening a file by its path must not cost listing a 2000-image series.
+        """
+        listed = self._listings.get(f"instances/{study}/{series}")
+        if listed is None:
+            try:
+                listed = await self._listing(
+                    f"instance/{study}/{series}/{instance}",
+                    lambda: self.client.search_instances(study, series,
+                                                         {"SOPInstanceUID": instance}))
+            except OFFLINE_ERRORS:
+                if self.is_cached(study, series, instance):
+                    return {dicomjson.SOP_UID: {"vr": "UI", "Value": [instance]}}
+                listed = await self.instances(study, series)
+        return _pick(listed, dicomjson.SOP_UID, instance)
+
     async def _listing(self, name: str,
                        fetch: Callable[[], Awaitable[list[Dataset]]]) -> list[Dataset]:
         """A listing from memory, from a young saved copy, or from the server.
