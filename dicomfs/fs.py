@@ -5,7 +5,9 @@ keeps open file and folder handles, and refuses every write with EROFS. What a
 path means lives in :mod:`dicomfs.tree`.
 
 pyfuse3 lets any exception other than FUSEError escape into its main loop and
-end the mount, so every handler goes through :func:`_errno`.
+end the mount, so every handler goes through :func:`_errno`. Extended attributes
+are left to pyfuse3's ENOSYS: the kernel then stops asking, instead of costing
+``ls -l`` two round trips per file.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class DicomFS(pyfuse3.Operations):
         self._handles = itertools.count(1)
         self._files: dict[int, Blob] = {}
         self._folders: dict[int, list[Node]] = {}
-        self._stored: set[int] = set()
+        self._opened: set[int] = set()
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -146,13 +148,17 @@ class DicomFS(pyfuse3.Operations):
         node = self.tree.node(inode)
         known = (node.exact, node.size)
         blob = await self.tree.open(inode)
+        first_open = node.immutable and inode not in self._opened
+        if first_open:
+            self._opened.add(inode)  # from now on the kernel keeps its pages (keep_cache)
         if known != (True, blob.size):
             # The kernel may hold an estimate or an older metadata size: make it ask again.
+            # (It then drops the file's pages, so pushing them now would be wasted.)
             try:
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             except OSError as exc:
                 log.debug("invalidate_inode(%d): %s", inode, exc)
-        if node.immutable and inode not in self._stored and blob.size <= STORE_AHEAD_BYTES:
+        elif first_open and blob.size <= STORE_AHEAD_BYTES:
             self._store_ahead(inode, blob)
         handle = next(self._handles)
         self._files[handle] = blob
@@ -166,7 +172,6 @@ class DicomFS(pyfuse3.Operations):
         """
         try:
             pyfuse3.notify_store(inode, 0, os.pread(blob.fd, blob.size, 0))
-            self._stored.add(inode)
         except OSError as exc:
             log.debug("notify_store(%d): %s", inode, exc)
 
@@ -191,12 +196,6 @@ class DicomFS(pyfuse3.Operations):
         data.f_bsize = data.f_frsize = BLOCK
         data.f_namemax = 255
         return data
-
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
 
     # Read-only: every call that would change something.
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only

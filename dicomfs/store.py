@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 GiB = 1024**3
 STALE_TEMP_SECONDS = 24 * 3600
+RECENCY_RESOLUTION = 3600.0
 OBJECTS = "objects"
 LISTINGS = "listings"
 TEMP = "tmp"
@@ -188,9 +189,9 @@ class Store:
         except FileNotFoundError:
             self._forget(rel)
             return None
-        size = os.fstat(fd).st_size
-        self._touch(rel, path, size)
-        return Blob(fd, size)
+        info = os.fstat(fd)
+        self._touch(rel, path, info)
+        return Blob(fd, info.st_size)
 
     def holds(self, key: Key) -> bool:
         """Whether anything is cached for the study or series a metadata ``key`` names."""
@@ -278,14 +279,17 @@ class Store:
     def entries(self) -> int:
         return len(self._sizes)
 
-    def _touch(self, rel: str, path: Path, size: int) -> None:
+    def _touch(self, rel: str, path: Path, info: os.stat_result) -> None:
+        """Mark an entry as just used; on disk at most hourly (the LRU order a remount
+        starts from), since writing an inode on every open costs more than a read."""
         if rel in self._sizes:
             self._sizes.move_to_end(rel)
         else:
-            self._sizes[rel] = size
-            self._total += size
-        with contextlib.suppress(OSError):
-            os.utime(path)
+            self._sizes[rel] = info.st_size
+            self._total += info.st_size
+        if time.time() - info.st_mtime > RECENCY_RESOLUTION:
+            with contextlib.suppress(OSError):
+                os.utime(path)
 
     def _forget(self, rel: str) -> None:
         size = self._sizes.pop(rel, None)
