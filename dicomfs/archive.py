@@ -12,17 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import time
-from collections.abc import Awaitable, Callable, Container, Iterable
-from typing import BinaryIO, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import cachetools
 import trio
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
 
-from dicomfs import dicomjson
+from dicomfs import dicomjson, part10
 from dicomfs.client import DicomwebClient, Query
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import (
@@ -45,14 +42,6 @@ T = TypeVar("T")
 OFFLINE_ERRORS = (Unreachable, Timeout, ServerError)
 IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
-SOP_INSTANCE_UID_TAG = 0x00080018
-UNDEFINED_LENGTH = 0xFFFFFFFF
-IMPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2"
-# Every other transfer syntax encodes the dataset as explicit VR little endian, but these.
-NOT_LITTLE_ENDIAN = {b"1.2.840.10008.1.2.2", b"1.2.840.10008.1.2.1.99"}  # big endian, deflate
-# Explicit VRs whose length field is 4 bytes (PS3.5 7.1.2).
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-            b"UT", b"UV"}
 
 
 def _ignore(size: int) -> None:
@@ -67,71 +56,23 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-def _element(head: bytes, offset: int, explicit: bool) -> tuple[int, int, int]:
-    """(tag, value offset, value length) of the element at ``offset``, little endian."""
-    group, element = struct.unpack_from("<HH", head, offset)
-    if not explicit:
-        return (group << 16) | element, offset + 8, struct.unpack_from("<I", head, offset + 4)[0]
-    if head[offset + 4:offset + 6] in LONG_VRS:
-        return (group << 16) | element, offset + 12, struct.unpack_from("<I", head, offset + 8)[0]
-    return (group << 16) | element, offset + 8, struct.unpack_from("<H", head, offset + 6)[0]
-
-
-def _quick_sop_uid(head: bytes) -> str | None:
-    """The dataset's SOP Instance UID by walking the few elements before it, or None
-    when this file needs a real parser (big endian, deflate, sequences, long headers).
-
-    Raises IntegrityError when ``head`` is not the start of a Part 10 file.
-    """
-    if len(head) < 132 or head[128:132] != b"DICM":
-        raise IntegrityError("not DICOM Part 10: no DICM prefix")
-    offset, syntax = 132, b""
-    try:
-        while True:  # file meta: group 0002, always explicit VR little endian
-            tag, start, length = _element(head, offset, explicit=True)
-            if tag >> 16 != 0x0002:
-                break
-            if tag == 0x00020010:
-                syntax = head[start:start + length].rstrip(b"\0 ")
-            offset = start + length
-        if not syntax or syntax in NOT_LITTLE_ENDIAN:
-            return None
-        explicit = syntax != IMPLICIT_VR_LITTLE_ENDIAN
-        while True:
-            tag, start, length = _element(head, offset, explicit)
-            if tag > SOP_INSTANCE_UID_TAG or length == UNDEFINED_LENGTH:
-                return None
-            if tag == SOP_INSTANCE_UID_TAG:
-                if start + length > len(head):
-                    return None
-                return head[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
-            offset = start + length
-    except struct.error:  # ran off the end of the head
-        return None
-
-
-def _parsed_sop_uid(source: BinaryIO) -> str:
-    """The dataset's SOP Instance UID, by pydicom, reading no further than that element."""
-    try:
-        ds = read_partial(source, stop_when=lambda tag, vr, length: tag > SOP_INSTANCE_UID_TAG)
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError) as exc:
-        raise IntegrityError(f"not DICOM Part 10: {exc}") from None
-    return str(ds.get("SOPInstanceUID", ""))
-
-
-async def sop_instance_uid(writer: Writer, expected: Container[str] = ()) -> str:
-    """The SOP Instance UID in a written part's dataset; IntegrityError if it has none.
+async def sop_instance_uid(writer: Writer, *, double_check: str | None = None) -> str:
+    """The SOP Instance UID of a written part, once it is shown a whole Part 10 file.
 
     The dataset's UID is the instance's identity (servers index by it, and a file
-    meta that says otherwise exists in the wild). Nearly always the quick walk of
-    the head finds it; otherwise, or when the quick answer is not ``expected``,
-    pydicom reads the file, in a worker thread: a surprise is double-checked.
+    meta that says otherwise exists in the wild). A quick walk answers for little
+    endian files; pydicom, in a worker thread, for the others and to double-check
+    a walk that disagrees with ``double_check``, the UID that was asked for.
     """
-    found = _quick_sop_uid(writer.head)
-    if found is None or found not in expected:
+    fd = os.open(writer.path, os.O_RDONLY)
+    try:
+        found = part10.check_whole(writer.head, fd, writer.size)
+    finally:
+        os.close(fd)
+    if found is None or (double_check is not None and found != double_check):
         def from_file() -> str:
             with open(writer.path, "rb") as f:
-                return _parsed_sop_uid(f)
+                return part10.parsed_sop_uid(f)
 
         found = await trio.to_thread.run_sync(from_file)
     if not is_uid(found):
@@ -140,8 +81,8 @@ async def sop_instance_uid(writer: Writer, expected: Container[str] = ()) -> str
 
 
 async def verify_instance(writer: Writer, key: Key) -> None:
-    """Raise IntegrityError unless the written part is the instance ``key`` names."""
-    found = await sop_instance_uid(writer, expected={key.instance or ""})
+    """Raise IntegrityError unless the written part is the whole instance ``key`` names."""
+    found = await sop_instance_uid(writer, double_check=key.instance)
     if found != key.instance:
         raise IntegrityError(f"asked for instance {key.instance}, got {found!r}")
 
@@ -364,7 +305,7 @@ class Archive:
                 await verify_instance(writer, key)
                 self.store.commit(writer, key)
                 return
-            except Truncated as exc:
+            except (Truncated, Timeout) as exc:  # cut or stalled mid-body
                 writer.abort()
                 if attempt >= self.retries:
                     raise
@@ -464,7 +405,7 @@ class Archive:
         unique, so a part whose UID was claimed is that instance of this series.
         """
         try:
-            found = await sop_instance_uid(writer, expected=claimed)
+            found = await sop_instance_uid(writer)
             flight = claimed.pop(found, None)
             if flight is None:
                 writer.abort()

@@ -235,11 +235,11 @@ class DicomwebClient:
                             raise ProtocolError(f"answer larger than {limit} bytes", url=url)
                         chunks.append(chunk)
                 return b"".join(chunks), response.headers
-            except Truncated:
+            except (Truncated, Timeout):  # cut or stalled mid-body
                 if attempt >= self.config.retries:
                     raise
                 attempt += 1
-                log.warning("answer cut short, fetching again (%d/%d)", attempt,
+                log.warning("answer cut short or stalled, fetching again (%d/%d)", attempt,
                             self.config.retries)
             finally:
                 await response.aclose()

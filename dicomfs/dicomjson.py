@@ -71,7 +71,7 @@ def integer(ds: Dataset, tag: str) -> int | None:
     first = value(ds, tag)
     try:
         return int(first) if first is not None and not isinstance(first, bool) else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 1e400 is valid JSON: infinity
         return None
 
 
