@@ -156,7 +156,7 @@ class Archive:
         """One instance by UID: from the series listing when it is at hand, else one
         QIDO query. Opening a file by its path must not cost listing a 2000-image series.
         """
-        listed = self._listings.get(f"instances/{study}/{series}")
+        listed = self._at_hand(f"instances/{study}/{series}")
         if listed is None:
             try:
                 listed = await self._listing(
@@ -180,10 +180,9 @@ class Archive:
         if cached is not None:
             return cached
         saved = self.store.load_listing(name)
-        if saved is not None and saved[1] < self.listing_ttl:
-            result = dicomjson.load_array(saved[0], what="saved listing")
-            self._listings[name] = result
-            return result
+        young = self._young(name, saved)
+        if young is not None:
+            return young
         flight_key = ("listing", name)
         try:
             await self._single_flight(flight_key, lambda: self._fetch_listing(name, fetch))
@@ -195,6 +194,20 @@ class Archive:
             self._listings[name] = result
             return result
         return self._listings.get(name) or []
+
+    def _at_hand(self, name: str) -> list[Dataset] | None:
+        """A listing from memory or from a saved copy younger than the TTL; no request."""
+        cached = self._listings.get(name)
+        return cached if cached is not None else self._young(name,
+                                                             self.store.load_listing(name))
+
+    def _young(self, name: str, saved: tuple[bytes, float] | None) -> list[Dataset] | None:
+        """A saved listing if it is younger than the TTL, now kept in memory too."""
+        if saved is None or saved[1] >= self.listing_ttl:
+            return None
+        result = dicomjson.load_array(saved[0], what="saved listing")
+        self._listings[name] = result
+        return result
 
     async def _fetch_listing(self, name: str,
                              fetch: Callable[[], Awaitable[list[Dataset]]]) -> None:

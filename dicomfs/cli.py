@@ -26,6 +26,7 @@ from dicomfs.auth import (
     send_secrets,
 )
 from dicomfs.client import ClientConfig
+from dicomfs.names import InvalidQuery, query_key
 from dicomfs.store import server_folder_name
 from dicomfs.uids import is_uid
 
@@ -72,10 +73,14 @@ def url(text: str) -> str:
 
 def query_term(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z]+|[0-9A-Fa-f]{8}", key) or not value:
+    try:
+        if not sep or not value:
+            raise InvalidQuery("no value")
+        return query_key(key), value
+    except InvalidQuery as exc:
         raise argparse.ArgumentTypeError(
-            f"not a QIDO match {text!r}: use KEY=VALUE with a DICOM keyword or tag")
-    return key, value
+            f"not a QIDO match {text!r} ({exc}): use KEY=VALUE with a DICOM keyword or tag"
+        ) from None
 
 
 def uid_argument(text: str) -> str:
@@ -157,7 +162,10 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=positive(int), default=8, metavar="N",
                        help="parallel connections to the server (default 8)")
     parser.add_argument("--page-size", type=positive(int), default=1000, metavar="N",
-                       help="QIDO page size (limit) (default 1000)")
+                        help="QIDO page size (limit) (default 1000)")
+    parser.add_argument("--page-concurrency", type=positive(int), default=1, metavar="N",
+                        help="QIDO pages asked at once in long listings (default 1; helps "
+                        "servers with small page caps, slows Orthanc)")
     parser.add_argument("--qido-url", type=url, metavar="URL",
                        help="QIDO-RS root, when it differs from URL")
     parser.add_argument("--wado-url", type=url, metavar="URL",
@@ -246,7 +254,7 @@ def client_config(args: argparse.Namespace, secrets: Secrets) -> ClientConfig:
         base_url=args.url, qido_url=args.qido_url, wado_url=args.wado_url,
         timeout=args.timeout, connect_timeout=args.connect_timeout,
         max_connections=args.max_connections, page_size=args.page_size,
-        retries=args.retries, single_part=args.single_part,
+        page_concurrency=args.page_concurrency, retries=args.retries, single_part=args.single_part,
         transfer_syntax=args.transfer_syntax,
         headers=dict(parse_header(h) for h in secrets.headers),
         auth=build_auth(secrets=secrets, user=args.user, token_file=args.token_file,
@@ -292,6 +300,7 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
 
 OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file", "timeout",
                "connect-timeout", "deadline", "retries", "max-connections", "page-size",
+               "page-concurrency",
                "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid",
                "token-file", "token-command", "token-lifetime", "user", "password-file",
                "ca-bundle", "client-cert", "client-key", "query"}

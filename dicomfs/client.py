@@ -82,6 +82,7 @@ class ClientConfig:
     connect_timeout: float = 10.0
     max_connections: int = 8
     page_size: int = 1000
+    page_concurrency: int = 1  # QIDO pages asked at once in a long listing (opt-in)
     retries: int = 3
     single_part: bool = False
     transfer_syntax: str = "*"
@@ -270,39 +271,72 @@ class DicomwebClient:
         Servers cap pages silently or with a ``Warning`` header, so a page is
         short only when it is shorter than what the server has shown it returns;
         a page with nothing new ends the walk whatever the server claims.
+
+        With ``page_concurrency`` above 1, once a full page shows the listing is
+        long, that many pages are asked at once at the offsets that follow (no
+        server tells the total, so the last ones may come back empty). A capped
+        page puts the walk back to one page at a time from where it was cut.
         """
         items = query.items() if isinstance(query, Mapping) else query
         base = [(str(k), str(v)) for k, v in items]
         # One parameter per field: some servers (Orthanc) ignore a comma list.
         base += [("includefield", field) for field in fields]
-        url = self._qido + path
         limit = self.config.page_size
         found: dict[str, Dataset] = {}
         offset = 0
+        batch = 1
         while True:
-            params = [*base, ("limit", str(limit)), ("offset", str(offset))]
-            body, headers = await self._get_bytes(f"{url}?{query_string(params)}",
-                                                  accept="application/dicom+json")
-            page = dicomjson.load_array(body, what=f"QIDO {path}")
-            warning = headers.get("Warning")
-            if warning:
-                log.warning("QIDO %s: server warns %r", path, warning[:200])
-            new = 0
-            for dataset in page:
-                uid = dicomjson.uid(dataset, key)
-                if uid is None:
-                    log.warning("QIDO %s: skipped an entry without a valid UID", path)
-                elif uid not in found:
-                    found[uid] = dataset
-                    new += 1
-            if not page or new == 0:
-                break
-            if len(page) < limit:
-                if not warning:
+            pages = await self._pages(path, base, limit,
+                                      [offset + n * limit for n in range(batch)])
+            batch = max(self.config.page_concurrency, 1)
+            for page, warning in pages:
+                new = 0
+                for dataset in page:
+                    uid = dicomjson.uid(dataset, key)
+                    if uid is None:
+                        log.warning("QIDO %s: skipped an entry without a valid UID", path)
+                    elif uid not in found:
+                        found[uid] = dataset
+                        new += 1
+                if not page or new == 0:
+                    return list(found.values())
+                offset += len(page)
+                if len(page) < limit:
+                    if not warning:
+                        return list(found.values())
+                    limit, batch = len(page), 1  # capped: ask for what it gives, in order
                     break
-                limit = len(page)  # the server capped the page: ask for what it gives
-            offset += len(page)
-        return list(found.values())
+
+    async def _pages(self, path: str, base: list[tuple[str, str]], limit: int,
+                     offsets: list[int]) -> list[tuple[list[Dataset], str | None]]:
+        """QIDO pages at ``offsets`` (at once when several), in order, with any Warning."""
+        if len(offsets) == 1:
+            return [await self._page(path, base, limit, offsets[0])]
+        pages: list[tuple[list[Dataset], str | None]] = [([], None)] * len(offsets)
+        errors: list[DicomwebError] = []
+
+        async def fetch(index: int, offset: int) -> None:
+            try:
+                pages[index] = await self._page(path, base, limit, offset)
+            except DicomwebError as exc:  # raised as itself below, not in an exception group
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for index, offset in enumerate(offsets):
+                nursery.start_soon(fetch, index, offset)
+        if errors:
+            raise errors[0]
+        return pages
+
+    async def _page(self, path: str, base: list[tuple[str, str]], limit: int,
+                    offset: int) -> tuple[list[Dataset], str | None]:
+        params = [*base, ("limit", str(limit)), ("offset", str(offset))]
+        body, headers = await self._get_bytes(f"{self._qido}{path}?{query_string(params)}",
+                                              accept="application/dicom+json")
+        warning = headers.get("Warning")
+        if warning:
+            log.warning("QIDO %s: server warns %r", path, warning[:200])
+        return dicomjson.load_array(body, what=f"QIDO {path}"), warning
 
     # -- WADO-RS ----------------------------------------------------------------------
 

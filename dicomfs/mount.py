@@ -86,7 +86,11 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
                         f"fsname={fsname(options.client.base_url)}", "subtype=dicomfs",
                         *options.fuse_options}
         prefetcher = Prefetcher(archive)
-        operations = DicomFS(Tree(archive, prefetcher), uid=options.uid, gid=options.gid)
+        try:
+            tree = Tree(archive, prefetcher, scope=options.scope)
+        except ValueError as exc:
+            raise MountError(f"bad --query: {exc}") from None
+        operations = DicomFS(tree, uid=options.uid, gid=options.gid)
         try:
             pyfuse3.init(operations, str(options.mountpoint), sorted(fuse_options))
         except RuntimeError as exc:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from urllib.parse import parse_qsl, urlencode
+from collections.abc import Iterable, Mapping
+from urllib.parse import parse_qsl
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
@@ -133,7 +134,7 @@ def person_name(value: object) -> str:
             family, given, middle, prefix, suffix = parts + [""] * (_PN_COMPONENTS - len(parts))
             first = " ".join(p for p in (prefix, given, middle) if p)
             name = ", ".join(p for p in (family, first) if p)
-            return f"{name}, {suffix}" if suffix else name
+            return f"{name}, {suffix.replace('^', ' ')}" if suffix else name
     return ""
 
 
@@ -219,8 +220,10 @@ def unique(wanted: Mapping[str, tuple[str, str]], reserved: Iterable[str] = ()
     for key in sorted(set(plain) - set(names)):
         stem, ext = wanted[key]
         tag = digest(key, 64)
-        candidates = [fit(stem, f" [{tag[:size]}]{ext}") for size in range(DIGEST_CHARS, 65)]
-        candidates += (fit(stem, f" [{tag} {n}]{ext}") for n in range(2, len(wanted) + 2))
+        # Longer digests, then (never seen in practice) numbered ones: one is always free.
+        candidates = itertools.chain(
+            (fit(stem, f" [{tag[:size]}]{ext}") for size in range(DIGEST_CHARS, 65)),
+            (fit(stem, f" [{tag} {n}]{ext}") for n in itertools.count(2)))
         name = next(c for c in candidates if c not in taken)
         taken.add(name)
         names[key] = name
@@ -284,12 +287,8 @@ def parse_query(text: str) -> tuple[tuple[str, str], ...]:
     try:
         items = parse_qsl(text, keep_blank_values=True, strict_parsing=True,
                           errors="strict", max_num_fields=MAX_QUERY_KEYS)
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise InvalidQuery(f"not a query string ({exc})") from None
+    except UnicodeDecodeError:
+        raise InvalidQuery("a %-escape is not UTF-8") from None
+    except ValueError:  # the message would quote the text, which may name a patient
+        raise InvalidQuery("not KEY=VALUE pairs joined by &") from None
     return check_query(items)
-
-
-def format_query(items: Sequence[tuple[str, str]] | Mapping[str, str]) -> str:
-    """The canonical text of checked items (for logs and cache names)."""
-    pairs = items.items() if isinstance(items, Mapping) else items
-    return urlencode(list(pairs), safe="*^,-:.")

@@ -44,7 +44,7 @@ def test_listings_equal_qido(mnt, orthanc: LocalOrthanc) -> None:
             instances = qido(orthanc, f"/studies/{study}/series/{one}/instances", "00080018")
             names = set(os.listdir(mnt.path / "studies" / study / one))
             assert names == {f"{uid}.dcm" for uid in instances} | {"metadata.json"}
-    assert sorted(os.listdir(mnt.path)) == ["rendered", "studies"]
+    assert sorted(os.listdir(mnt.path)) == ["dates", "patients", "query", "rendered", "studies"]
 
 
 def test_every_instance_is_byte_identical(mnt, archive: Archive, orthanc: LocalOrthanc) -> None:

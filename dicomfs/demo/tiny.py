@@ -1,0 +1,61 @@
+"""Tiny DICOM files (8x8 pixels) with chosen identities, names and numbers.
+
+Why: tests of naming need awkward data the sample archive does not hold (two
+studies of one patient on one day with one description, duplicate or missing
+instance numbers, very long or control-character descriptions), and the
+listing benchmark needs ten thousand studies that upload in seconds. Each file
+is a few hundred bytes, built in memory, and deterministic for the same
+arguments.
+"""
+
+from __future__ import annotations
+
+import io
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomfs.demo.archive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SIZE = 8
+
+
+def tiny_instance(*, study_uid: str, series_uid: str, sop_uid: str, patient_name: str = "",
+                  patient_id: str = "", study_date: str = "", study_description: str = "",
+                  series_number: int | None = None, modality: str = "OT",
+                  series_description: str = "", instance_number: int | None = None) -> bytes:
+    """A Part 10 secondary capture of 8x8 8-bit pixels; ``None`` numbers are left out."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: any name can be written
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.StudyDate = study_date
+    ds.StudyTime = "120000" if study_date else ""
+    ds.StudyDescription = study_description
+    ds.Modality = modality
+    ds.SeriesDescription = series_description
+    if series_number is not None:
+        ds.SeriesNumber = series_number
+    if instance_number is not None:
+        ds.InstanceNumber = instance_number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = SIZE
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes((i * 4) % 256 for i in range(SIZE * SIZE))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
