@@ -212,12 +212,13 @@ def _print_instructions(
             "",
             "Try, in another terminal:",
             f"  ls {m}",
-            f"  find {m} -maxdepth 3 | head -40",
-            f"  du -sh {m}/*",
-            f"  dcmdump -q +sd +r +sp '*.dcm' {m} | grep -m5 PatientName",
+            f"  ls {m}/patients",
+            f"  find {m}/dates -maxdepth 4 | head -20",
+            f"  ls -l {m}/studies | head",
+            f"  dcmdump -q +sd +r +sp '*.dcm' {m}/studies | grep -m5 PatientName",
             f"  {venv_bin}/dcm2niix -z n -o /tmp -f ct {shlex.quote(str(ct_folder))}",
             f'  {sys.executable} -c "import pathlib, pydicom; '
-            f"f = next(pathlib.Path('{mountpoint}').rglob('*.dcm')); "
+            f"f = next(pathlib.Path('{mountpoint}/studies').rglob('*.dcm')); "
             'print(f); print(pydicom.dcmread(f))"',
         ]
     lines += [
