@@ -11,7 +11,8 @@
   command prints.
 * :class:`StreamingJsonServer`: a raw server that streams an endless QIDO JSON array, to
   show that a client's size bound stops reading early.
-* :func:`serving`: runs the scripted ``FakeServer`` of ``test_client`` in a thread.
+* :func:`serving`: runs the scripted ``FakeServer`` of ``test_client`` in a thread;
+  :func:`one_series_app` scripts it as a server of one study with one series.
 
 Every thread here is bounded (a fixed pool) and ends by itself: sockets have timeouts and
 every sleep waits on the stop event.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import random
 import re
@@ -29,13 +31,16 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from test_client import FakeServer, Reply, Seen
+from test_client import App, FakeServer, Reply, Seen
+
+from dicomfs import dicomjson
 
 __all__ = [
     "Answer",
@@ -51,6 +56,8 @@ __all__ = [
     "Stall",
     "StreamingJsonServer",
     "TokenGate",
+    "element",
+    "one_series_app",
     "serving",
 ]
 
@@ -151,6 +158,19 @@ def _abort(sock: socket.socket) -> None:
     sock.close()
 
 
+def _accepted(listener: socket.socket, stop: threading.Event) -> Iterator[socket.socket]:
+    """Each connection ``listener`` accepts (it has a short timeout, to look at ``stop``
+    between tries) until ``stop`` is set or the listener is closed."""
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        yield conn
+
+
 # =========================================================================== the proxy
 
 
@@ -196,13 +216,7 @@ class Proxy:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _accept_loop(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for conn in _accepted(self._listener, self.stop_event):
             try:
                 self._pool.submit(self._serve, conn)
             except RuntimeError:  # shut down meanwhile
@@ -525,13 +539,7 @@ class StreamingJsonServer:
         self._listener.close()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for conn in _accepted(self._listener, self._stop):
             with conn:
                 conn.settimeout(5)
                 self._serve(conn)
@@ -568,3 +576,36 @@ def serving(server: FakeServer | None = None) -> Iterator[FakeServer]:
         server.server.shutdown()
         server.server.server_close()
         thread.join(5)
+
+
+def element(tag: str, value: Any, vr: str = "UI") -> dict[str, Any]:
+    """One DICOM JSON attribute with a single value."""
+    return {tag: {"vr": vr, "Value": [value]}}
+
+
+def one_series_app(study: str, series: str, instances: Sequence[str] | bytes,
+                   retrieve: Callable[[str], Reply | None] = lambda path: None) -> App:
+    """A FakeServer app holding one study with one series.
+
+    QIDO lists ``study``, its ``series`` and the series' ``instances`` (SOP Instance UIDs,
+    or the JSON body to answer as it is). Any other path, ``/dicom-web`` taken off, is
+    ``retrieve``'s to answer; where it gives None, the answer is 404.
+    """
+    json_type = [("Content-Type", "application/dicom+json")]
+    listing = instances if isinstance(instances, bytes) else json.dumps(
+        [element(dicomjson.SOP_UID, sop) for sop in instances]).encode()
+
+    def app(seen: Seen) -> Reply:
+        path = seen.path.removeprefix("/dicom-web")
+        if path == "/studies":
+            return Reply(200, json_type, json.dumps([element(dicomjson.STUDY_UID, study)])
+                         .encode())
+        if path == f"/studies/{study}/series":
+            return Reply(200, json_type, json.dumps([element(dicomjson.SERIES_UID, series)])
+                         .encode())
+        if path == f"/studies/{study}/series/{series}/instances":
+            return Reply(200, json_type, listing)
+        reply = retrieve(path)
+        return Reply(404) if reply is None else reply
+
+    return app

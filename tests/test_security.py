@@ -43,6 +43,8 @@ from fakes import (
     Seen,
     StreamingJsonServer,
     TokenGate,
+    element,
+    one_series_app,
     serving,
 )
 from hypothesis import HealthCheck, given, settings
@@ -93,10 +95,6 @@ def make_dicom(study: str, series: str, sop: str) -> bytes:
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, enforce_file_format=True)
     return out.getvalue()
-
-
-def element(tag: str, value: Any, vr: str = "UI") -> dict[str, Any]:
-    return {tag: {"vr": vr, "Value": [value]}}
 
 
 def proc_text(pid: int, name: str) -> str:
@@ -434,21 +432,8 @@ def test_hostile_number_does_not_hide_a_series(mount_factory: MountFactory) -> N
     body = json.dumps(instances).replace("Infinity", "1e400").encode()
     assert b"1e400" in body
 
-    def app(seen: Seen) -> Reply:
-        json_type = [("Content-Type", "application/dicom+json")]
-        path = seen.path.removeprefix("/dicom-web")
-        if path == "/studies":
-            return Reply(200, json_type, json.dumps([element(dicomjson.STUDY_UID, study)])
-                         .encode())
-        if path == f"/studies/{study}/series":
-            return Reply(200, json_type, json.dumps([element(dicomjson.SERIES_UID, series)])
-                         .encode())
-        if path == f"/studies/{study}/series/{series}/instances":
-            return Reply(200, json_type, body)
-        return Reply(404)
-
     with serving() as server:
-        server.app = app
+        server.app = one_series_app(study, series, body)
         mount = mount_factory(server.url)
         folder = mount.path / "studies" / study / series
         try:
@@ -466,26 +451,15 @@ def test_single_part_shorter_than_the_instance_is_not_served(
     it must not become a file (the multipart form of the same lie is caught by the parser)."""
     study, series, sop = f"{ROOT}.6", f"{ROOT}.6.1", f"{ROOT}.6.1.1"
     data = make_dicom(study, series, sop)
-    json_type = [("Content-Type", "application/dicom+json")]
 
-    def app(seen: Seen) -> Reply:
-        path = seen.path.removeprefix("/dicom-web")
-        if path == "/studies":
-            return Reply(200, json_type, json.dumps([element(dicomjson.STUDY_UID, study)])
-                         .encode())
-        if path == f"/studies/{study}/series":
-            return Reply(200, json_type, json.dumps([element(dicomjson.SERIES_UID, series)])
-                         .encode())
-        if path == f"/studies/{study}/series/{series}/instances":
-            return Reply(200, json_type, json.dumps([element(dicomjson.SOP_UID, sop)])
-                         .encode())
+    def retrieve(path: str) -> Reply | None:
         if path == f"/studies/{study}/series/{series}/instances/{sop}":
             return Reply(200, [("Content-Type", "application/dicom")], data,
                          length=len(data) - 100)
-        return Reply(404)
+        return None
 
     with serving() as server:
-        server.app = app
+        server.app = one_series_app(study, series, [sop], retrieve)
         mount = mount_factory(server.url, args=["--retries", "0"])
         path = mount.path / "studies" / study / series / f"{sop}.dcm"
         try:
@@ -504,29 +478,18 @@ def test_corrupt_dicom_header_is_refused_cleanly(mount_factory: MountFactory) ->
     sops = [f"{ROOT}.8.1.{i}" for i in (1, 2, 3)]
     files = {sop: make_dicom(study, series, sop) for sop in sops}
     files[sops[1]] = files[sops[1]][:152]  # cut inside the file meta group
-    json_type = [("Content-Type", "application/dicom+json")]
     ctype = [("Content-Type", MULTIPART)]
 
-    def app(seen: Seen) -> Reply:
-        path = seen.path.removeprefix("/dicom-web")
-        if path == "/studies":
-            return Reply(200, json_type, json.dumps([element(dicomjson.STUDY_UID, study)])
-                         .encode())
-        if path == f"/studies/{study}/series":
-            return Reply(200, json_type, json.dumps([element(dicomjson.SERIES_UID, series)])
-                         .encode())
-        if path == f"/studies/{study}/series/{series}/instances":
-            return Reply(200, json_type, json.dumps([element(dicomjson.SOP_UID, sop)
-                                                     for sop in sops]).encode())
+    def retrieve(path: str) -> Reply | None:
         if path == f"/studies/{study}/series/{series}":
             return Reply(200, ctype, multipart(*(part(files[sop]) for sop in sops)))
         sop = path.rsplit("/", 1)[1]
         if path.startswith(f"/studies/{study}/series/{series}/instances/") and sop in files:
             return Reply(200, ctype, multipart(part(files[sop])))
-        return Reply(404)
+        return None
 
     with serving() as server:
-        server.app = app
+        server.app = one_series_app(study, series, sops, retrieve)
         mount = mount_factory(server.url, args=["--retries", "0"])
         folder = mount.path / "studies" / study / series
         assert (folder / f"{sops[0]}.dcm").read_bytes() == files[sops[0]]

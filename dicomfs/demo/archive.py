@@ -87,6 +87,25 @@ def demo_uid(name: str) -> str:
 IMPLEMENTATION_CLASS_UID = demo_uid("implementation")
 
 
+def _file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> FileMetaDataset:
+    """The Part 10 header of one instance, naming this module as its implementation."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def part10_dataset(sop_class: str, sop_uid: str,
+                   transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
+    """An empty dataset whose ``file_meta`` makes it a Part 10 file of ``sop_uid``."""
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_class, sop_uid, transfer_syntax)
+    return ds
+
+
 # --------------------------------------------------------------------------- manifest model
 
 
@@ -497,13 +516,7 @@ def _instance(spec: _Series, i: int, count: int, noise: np.ndarray) -> Dataset:
     half = spec.size * spec.pixel_spacing / 2.0
     hours = 9 + spec.series_number
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds = part10_dataset(sop_class, sop_uid)
     ds.SpecificCharacterSet = spec.patient.charset
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if spec.localizer else "AXIAL"]
     ds.SOPClassUID = sop_class
@@ -667,12 +680,7 @@ def _with_meta(ds: Dataset, raw: bytes) -> bytes:
         (False, True): ExplicitVRLittleEndian,
         (False, False): ExplicitVRBigEndian,
     }[(bool(implicit), bool(little))]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, syntax)
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_file_meta_info(fp, meta, enforce_standard=True)

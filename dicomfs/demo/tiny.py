@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import io
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
-
-from dicomfs.demo.archive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomfs.demo.archive import part10_dataset
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SIZE = 8
@@ -26,13 +23,7 @@ def tiny_instance(*, study_uid: str, series_uid: str, sop_uid: str, patient_name
                   series_number: int | None = None, modality: str = "OT",
                   series_description: str = "", instance_number: int | None = None) -> bytes:
     """A Part 10 secondary capture of 8x8 8-bit pixels; ``None`` numbers are left out."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds = part10_dataset(SECONDARY_CAPTURE, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: any name can be written
     ds.SOPClassUID = SECONDARY_CAPTURE
     ds.SOPInstanceUID = sop_uid
