@@ -757,8 +757,8 @@ json_leaves = (st.none() | st.booleans() | st.integers() | st.text(max_size=20)
                                   "\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668"]))
 json_values = st.recursive(
     json_leaves,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                                max_size=4),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=10), inner, max_size=4)),
     max_leaves=12)
 elements = st.fixed_dictionaries(
     {}, optional={"vr": st.text(max_size=3), "Value": json_values | st.lists(json_values,
