@@ -151,15 +151,16 @@ class DicomFS(pyfuse3.Operations):
         first_open = node.immutable and inode not in self._opened
         if first_open:
             self._opened.add(inode)  # from now on the kernel keeps its pages (keep_cache)
-        if known != (True, blob.size):
-            # The kernel may hold an estimate or an older metadata size: make it ask again.
-            # (It then drops the file's pages, so pushing them now would be wasted.)
+        off = known != (True, blob.size)  # the kernel holds an estimate or an older size
+        # Pushing the file also grows the kernel's size to the exact one; a size that
+        # shrinks later would make the kernel drop the pages, so then it is not worth it.
+        if first_open and blob.size <= STORE_AHEAD_BYTES and (not off or blob.size > known[1]):
+            self._store_ahead(inode, blob)
+        elif off:  # make the kernel ask for the size again before it trusts one
             try:
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             except OSError as exc:
                 log.debug("invalidate_inode(%d): %s", inode, exc)
-        elif first_open and blob.size <= STORE_AHEAD_BYTES:
-            self._store_ahead(inode, blob)
         handle = next(self._handles)
         self._files[handle] = blob
         return pyfuse3.FileInfo(fh=handle, keep_cache=node.immutable)

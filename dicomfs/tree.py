@@ -58,7 +58,6 @@ values may use * and ? wildcards and date ranges; fuzzymatching=true is passed o
 A name that is no such query does not exist (see the mount's log for why).
 """
 RENDERED_FORMATS = ("png", "jpg")
-HEADER_ESTIMATE = 2048  # bytes of Part 10 header an estimated instance size adds
 # Shown before the first read when nothing better is known. Never 0: tools such as
 # file(1) call a 0-byte file empty without opening it.
 PLACEHOLDER_SIZE = 4096
@@ -527,7 +526,12 @@ def _sorted_by_uid(datasets: list[Dataset], tag: str) -> list[Dataset]:
 
 
 def _estimate(ds: Dataset, *, rendered: bool = False) -> int:
-    """A size guess from QIDO's image attributes, for ``ls -l`` before the first read."""
+    """A size guess from QIDO's image attributes, for ``ls -l`` before the first read.
+
+    The pixel data alone, without the header: for uncompressed images a floor of the
+    real size, which lets the first open grow the kernel's idea of the size to the
+    exact one without it dropping the pages pushed in (see ``fs.DicomFS.open``).
+    """
     rows = dicomjson.integer(ds, dicomjson.ROWS)
     columns = dicomjson.integer(ds, dicomjson.COLUMNS)
     if not rows or not columns:
@@ -537,4 +541,4 @@ def _estimate(ds: Dataset, *, rendered: bool = False) -> int:
     bits = dicomjson.integer(ds, dicomjson.BITS_ALLOCATED) or 16
     samples = dicomjson.integer(ds, dicomjson.SAMPLES_PER_PIXEL) or 1
     frames = dicomjson.integer(ds, dicomjson.NUMBER_OF_FRAMES) or 1
-    return HEADER_ESTIMATE + rows * columns * samples * frames * max(bits // 8, 1)
+    return rows * columns * samples * frames * max(bits // 8, 1)
