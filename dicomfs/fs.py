@@ -121,7 +121,7 @@ class DicomFS(pyfuse3.Operations):
 
     @_errno
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self.attributes(self.tree.node(inode))
+        return self.attributes(self.tree.current(inode))
 
     @_errno
     async def opendir(self, inode: int, ctx: Any) -> int:

@@ -196,6 +196,14 @@ class Tree:
         self._inodes[key] = inode
         return node
 
+    def current(self, inode: int) -> Node:
+        """The node, its size made exact as soon as the cache holds the file (a series
+        stream lands files before they are opened), so the kernel stops asking."""
+        node = self.node(inode)
+        if not node.exact and not node.is_dir:
+            self._refresh_size(node, estimate=node.size)
+        return node
+
     def _existing(self, kind: Kind, *ident: object) -> Node | None:
         inode = self._inodes.get((kind, *ident))
         return self._nodes[inode] if inode is not None else None
