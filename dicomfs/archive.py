@@ -124,6 +124,11 @@ class Archive:
         return await self._listing(f"instances/{study}/{series}",
                                    lambda: self.client.search_instances(study, series))
 
+    async def instance_uids(self, study: str, series: str) -> list[str]:
+        """The SOP Instance UIDs of a series, from its listing."""
+        listing = await self.instances(study, series)
+        return [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
+
     async def find_study(self, study: str) -> Dataset | None:
         """One study by UID, also one that a server's result cap hides from the full list.
 
@@ -335,8 +340,7 @@ class Archive:
         cached, as when an interrupted prefetch resumes: only what is missing,
         one request each, a few at a time. ``on_stored`` gets each new entry's size.
         """
-        listing = await self.instances(study, series)
-        wanted = [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
+        wanted = await self.instance_uids(study, series)
         missing = [uid for uid in wanted if not self.is_cached(study, series, uid)]
         if len(missing) * 2 > len(wanted):
             delivered = await self.fetch_series(study, series, missing, on_stored=on_stored)

@@ -82,8 +82,7 @@ class Prefetcher:
     async def _too_big(self, study: str, series: str) -> bool:
         """Whether the series, judged by its instances cached so far, would take more than
         half the cache: prefetching it would evict what it brings before it is read."""
-        listing = await self.archive.instances(study, series)
-        uids = [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
+        uids = await self.archive.instance_uids(study, series)
         known = [size for uid in uids
                  if (size := self.archive.store.size(Key(study, series, uid, "dcm")))]
         if not known or sum(known) / len(known) * len(uids) <= self.archive.store.max_bytes / 2:
@@ -112,8 +111,7 @@ async def prefetch(archive: Archive, study: str, series: str | None = None) -> i
         await archive.find_series(study, one)
     total = cached = 0
     for one in all_series:
-        listing = await archive.instances(study, one)
-        uids = [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
+        uids = await archive.instance_uids(study, one)
         total += len(uids)
         cached += sum(archive.is_cached(study, one, uid) for uid in uids)
     progress = Progress(total, done=cached)

@@ -110,6 +110,17 @@ class Writer:
             view = view[written:]
         self.size += len(data)
 
+    def move_to(self, path: Path) -> None:
+        """Close the file and rename it to ``path`` (atomically); drop it if that fails."""
+        try:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            os.replace(self.path, path)
+        except OSError:
+            self.abort()
+            raise
+
     def abort(self) -> None:
         """Drop the partial file; safe to call more than once."""
         if self.fd >= 0:
@@ -218,14 +229,12 @@ class Store:
         """Move a finished temporary file into place as ``key``; evict to stay in bounds."""
         rel = key.relpath()
         path = self._objects / rel
-        os.close(writer.fd)
-        writer.fd = -1
         try:
             _make_dirs(self._objects, path.parent)
-            os.replace(writer.path, path)
         except OSError:
             writer.abort()
             raise
+        writer.move_to(path)
         self._forget(rel)
         self._sizes[rel] = writer.size
         self._total += writer.size
@@ -316,12 +325,10 @@ class Store:
         writer = self.writer()
         try:
             writer.write(data)
-            os.close(writer.fd)
-            writer.fd = -1
-            os.replace(writer.path, path)
         except BaseException:
             writer.abort()
             raise
+        writer.move_to(path)
 
 
 def _make_dirs(base: Path, folder: Path) -> None:

@@ -230,8 +230,8 @@ def build_parallel_series(dest: Path) -> list[SeriesRef]:
         ):
             return refs
     import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomfs.demo.archive import part10_dataset
 
     def uid(name: str) -> str:
         return f"2.25.{uuid.uuid5(PARALLEL_NAMESPACE, name).int}"
@@ -246,12 +246,8 @@ def build_parallel_series(dest: Path) -> list[SeriesRef]:
         rng = np.random.default_rng(1000 + s)
         files: dict[str, tuple[int, str]] = {}
         for i in range(PARALLEL_SLICES):
-            ds = Dataset()
             sop = uid(f"instance/{s}/{i}")
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-            ds.file_meta.MediaStorageSOPInstanceUID = sop
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = part10_dataset("1.2.840.10008.5.1.4.1.1.2", sop)
             ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
             ds.SOPInstanceUID = sop
             ds.StudyInstanceUID = study
