@@ -2,7 +2,8 @@
 
 Thin on purpose: it translates nodes to attributes and exceptions to errnos,
 keeps open file and folder handles, and refuses every write with EROFS. What a
-path means lives in :mod:`dicomfs.tree`.
+path means lives in :mod:`dicomfs.tree`; what the kernel's page cache holds of
+each file, and pushing files into it, in :mod:`dicomfs.pagecache`.
 
 pyfuse3 lets any exception other than FUSEError escape into its main loop and
 end the mount, so every handler goes through :func:`_errno`. Extended attributes
@@ -24,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from dicomfs.errors import DicomfsError, NotFound, Unauthorized
+from dicomfs.pagecache import PageCache
 from dicomfs.store import Blob
 from dicomfs.tree import Node, Tree
 
@@ -36,7 +38,6 @@ FOLDER_TIMEOUT = 60.0  # folders can gain children: series arrive in a study
 NEGATIVE_TIMEOUT = 10.0  # a UID that is not there yet may appear
 MUTABLE_TIMEOUT = 1.0  # metadata.json: its study may still be receiving instances
 BLOCK = 512
-STORE_AHEAD_BYTES = 8 * 1024 * 1024
 
 
 def _errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -81,10 +82,12 @@ class DicomFS(pyfuse3.Operations):
         self.tree = tree
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
+        self.pages = PageCache()
         self._handles = itertools.count(1)
-        self._files: dict[int, Blob] = {}
+        # An inode instead of a Blob: opened without a descriptor (the kernel held
+        # every page); one is opened if a READ comes after all.
+        self._files: dict[int, Blob | int] = {}
         self._folders: dict[int, list[Node]] = {}
-        self._opened: set[int] = set()
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -101,6 +104,7 @@ class DicomFS(pyfuse3.Operations):
             attr.attr_timeout = (IMMUTABLE_TIMEOUT if node.exact and node.immutable
                                  else MUTABLE_TIMEOUT if node.exact else 0)
             attr.entry_timeout = IMMUTABLE_TIMEOUT
+            self.pages.told(node)
         attr.st_size = node.size
         attr.st_blksize = 128 * 1024
         attr.st_blocks = -(-node.size // BLOCK)  # full blocks: cp must not think it sparse
@@ -146,44 +150,36 @@ class DicomFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.tree.node(inode)
-        known = (node.exact, node.size)
-        blob = await self.tree.open(inode)
-        first_open = node.immutable and inode not in self._opened
-        if first_open:
-            self._opened.add(inode)  # from now on the kernel keeps its pages (keep_cache)
-        off = known != (True, blob.size)  # the kernel holds an estimate or an older size
-        # Pushing the file also grows the kernel's size to the exact one; a size that
-        # shrinks later would make the kernel drop the pages, so then it is not worth it.
-        if first_open and blob.size <= STORE_AHEAD_BYTES and (not off or blob.size > known[1]):
-            self._store_ahead(inode, blob)
-        elif off:  # make the kernel ask for the size again before it trusts one
-            try:
-                pyfuse3.invalidate_inode(inode, attr_only=True)
-            except OSError as exc:
-                log.debug("invalidate_inode(%d): %s", inode, exc)
+        opened: Blob | int = inode
+        if not self.pages.holds(inode):
+            opened = await self.tree.open(inode)
+            self.pages.first_open(node, opened)
         handle = next(self._handles)
-        self._files[handle] = blob
+        self._files[handle] = opened
         return pyfuse3.FileInfo(fh=handle, keep_cache=node.immutable)
-
-    def _store_ahead(self, inode: int, blob: Blob) -> None:
-        """Put a whole (small) file into the kernel's page cache at open.
-
-        The reader's READ requests then never reach Python: one copy instead of a
-        round trip through the event loop per 256 KiB. Immutable files make it safe.
-        """
-        try:
-            pyfuse3.notify_store(inode, 0, os.pread(blob.fd, blob.size, 0))
-        except OSError as exc:
-            log.debug("notify_store(%d): %s", inode, exc)
 
     @_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._files[fh].fd, size, off)
+        blob = self._files[fh]
+        if isinstance(blob, int):
+            opened = await self.tree.open(blob)
+            blob = self._files.get(fh)
+            if not isinstance(blob, int):  # released, or another READ opened it meanwhile
+                try:
+                    return os.pread(opened.fd, size, off)
+                finally:
+                    opened.close()
+            blob = self._files[fh] = opened
+        return os.pread(blob.fd, size, off)
 
     async def release(self, fh: int) -> None:
         blob = self._files.pop(fh, None)
-        if blob is not None:
+        if isinstance(blob, Blob):
             blob.close()
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, _lookups in inode_list:
+            self.pages.forget(inode)
 
     @_errno
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:

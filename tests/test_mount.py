@@ -69,6 +69,24 @@ def test_stat_then_mmap_gives_whole_files(mnt, archive: Archive) -> None:
         assert path.stat().st_size == entry.size  # and now exact for everyone
 
 
+def test_pages_dropped_after_an_open_without_descriptor(mnt, archive: Archive,
+                                                        orthanc: LocalOrthanc) -> None:
+    """A second open of a file the kernel holds whole opens nothing on our side; if the
+    kernel then drops the pages, its READs must still get the right bytes."""
+    entries = archive.series_files(archive.series_uid("mr"))[:3]
+    folder = series_dir(mnt.path, archive, "mr")
+    for entry in entries:
+        (folder / f"{entry.sop_uid}.dcm").read_bytes()  # first open: pushed whole
+    mark = orthanc.mark()
+    for entry in entries:
+        with open(folder / f"{entry.sop_uid}.dcm", "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert f.read() == archive.read(entry)
+            f.seek(entry.size // 2)
+            assert f.read(100) == archive.read(entry)[entry.size // 2:][:100]
+    assert not [r for r in orthanc.requests_since(mark) if INSTANCE_REQUEST in r]
+
+
 def test_cp_r_of_a_series(mnt, archive: Archive, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(series_dir(mnt.path, archive, "ct")), str(copy)],
