@@ -122,6 +122,8 @@ ROWS: tuple[Row, ...] = (
     Row("wire"),
     Row("local"),
     Row("cold", "wire", COLD_TARGET),
+    Row("wire_file"),
+    Row("cold", "wire_file"),
     Row("cold", "rclone", Target("<= 0.1x (>= 10x faster)", 0.1)),
     Row("mount"),
     Row("rclone", "wire"),
@@ -149,6 +151,7 @@ def make_measures() -> dict[str, Measure]:
     labels = {
         "wire": ("wire: curl WADO-RS series retrieve (CT, 400 files)", "wire (curl series)"),
         "local": ("local disk: cat the 400 CT files (page cache warm)", "local disk cat"),
+        "wire_file": ("wire into a new file on the cache's disk: curl -o", "curl -o file"),
         "cold": ("dicomfs cold series read: cat 400 files", ""),
         "mount": ("dicomfs mount time (fresh cache, until ready)", ""),
         "rclone": ("rclone mount of Orthanc WebDAV, cold: cat 400 files", "rclone cold cat"),
@@ -367,9 +370,9 @@ def cat_cmd(folder: Path, pattern: str = "*.dcm") -> list[str]:
             str(folder)]
 
 
-def curl_cmd(url: str) -> list[str]:
-    return ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
-            "-H", f"Accept: {ACCEPT}", url]
+def curl_cmd(url: str, output: Path | None = None) -> list[str]:
+    return ["curl", "-sS", "-o", str(output or "/dev/null"), "-w",
+            "%{http_code} %{size_download}", "-H", f"Accept: {ACCEPT}", url]
 
 
 def check_curl(output: str, at_least: int, what: str) -> None:
@@ -693,6 +696,17 @@ class Bench:
 
         self.measure(["wire"], wire)
 
+        def wire_file(run: int) -> None:
+            # A new file each run, deleted only at the end: what a cold read has to
+            # do at least (the bytes land in new page-cache pages), and deleting
+            # here would make the next runs pay for the disk's discards.
+            target = WORK / f"wire-{run}.multipart"
+            seconds, out = run_timed(curl_cmd(wire_url, target), "curl series to a file")
+            check_curl(out, self.ct.size, "curl series to a file")
+            m["wire_file"].add(seconds)
+
+        self.measure(["wire_file"], wire_file)
+
         say("reference: local disk (one untimed warm-up first)")
         run_timed(cat_cmd(self.ct_folder), "cat warm-up")
         self.measure(["local"], lambda _: m["local"].add(
@@ -754,7 +768,8 @@ class Bench:
             m["warm_disk"].add(self._read(folder, h))
             m["warm_page"].add(self._read(folder, h))
             self.verify(["warm_disk", "warm_page"], folder, self.ct)
-        shutil.rmtree(cache)
+        # The cache stays until the end: deleting 200 MB here makes the disk discard
+        # its blocks (mounted with -o discard) while the next runs write.
 
     def _read(self, folder: Path, handle: MountHandle, pattern: str = "*.dcm") -> float:
         try:
