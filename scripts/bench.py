@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -125,6 +126,10 @@ ROWS: tuple[Row, ...] = (
     Row("wire_file"),
     Row("cold", "wire_file"),
     Row("cold", "rclone", Target("<= 0.1x (>= 10x faster)", 0.1)),
+    Row("cpu_wire_server"),
+    Row("cpu_cold_server", "cpu_wire_server"),
+    Row("cpu_cold_fs"),
+    Row("cpu_cold_reader"),
     Row("mount"),
     Row("rclone", "wire"),
     Row("dwc", "wire"),
@@ -154,6 +159,10 @@ def make_measures() -> dict[str, Measure]:
         "wire_file": ("wire into a new file on the cache's disk: curl -o", "curl -o file"),
         "cold": ("dicomfs cold series read: cat 400 files", ""),
         "mount": ("dicomfs mount time (fresh cache, until ready)", ""),
+        "cpu_wire_server": ("CPU: Orthanc, for one wire series retrieve", "Orthanc CPU (wire)"),
+        "cpu_cold_server": ("CPU: Orthanc, during a dicomfs cold series read", ""),
+        "cpu_cold_fs": ("CPU: the dicomfs process, during that cold read", ""),
+        "cpu_cold_reader": ("CPU: cat (and its shell), during that cold read", ""),
         "rclone": ("rclone mount of Orthanc WebDAV, cold: cat 400 files", "rclone cold cat"),
         "dwc": ("dicomweb-client iter_series, whole process", ""),
         "warm_disk": ("dicomfs warm from disk cache (fresh mount): cat", ""),
@@ -422,6 +431,20 @@ def find_pid(pattern: str, timeout: float = 5.0) -> int | None:
         time.sleep(0.05)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` (all its threads) has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError) as exc:
+        raise BenchError(f"cannot read the CPU time of process {pid}: {exc}") from None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def vm_hwm_mb(pid: int) -> float:
     """Peak resident set size of ``pid`` in MB (10^6 bytes)."""
     try:
@@ -630,6 +653,13 @@ class Bench:
 
     # -- measurements ------------------------------------------------------------------
 
+    @property
+    def orthanc_pid(self) -> int:
+        pid = self.orthanc.pid
+        if pid is None:
+            raise BenchError("the benchmark's Orthanc is not running")
+        return pid
+
     def series_url(self, orthanc: LocalOrthanc, ref: SeriesRef) -> str:
         return f"{orthanc.dicomweb_url}/studies/{ref.study}/series/{ref.series}"
 
@@ -690,11 +720,13 @@ class Bench:
         run_timed(curl_cmd(wire_url), "curl warm-up")
 
         def wire(_: int) -> None:
+            server = cpu_seconds(self.orthanc_pid)
             seconds, out = run_timed(curl_cmd(wire_url), "curl series")
+            m["cpu_wire_server"].add(cpu_seconds(self.orthanc_pid) - server)
             check_curl(out, self.ct.size, "curl series")
             m["wire"].add(seconds)
 
-        self.measure(["wire"], wire)
+        self.measure(["wire", "cpu_wire_server"], wire)
 
         def wire_file(run: int) -> None:
             # A new file each run, deleted only at the end: what a cold read has to
@@ -715,7 +747,8 @@ class Bench:
             run_timed(["ls", "-l", str(self.ct_folder)], "ls local")[0]))
 
         say("dicomfs cold, then warm from disk cache and from page cache")
-        self.measure(["cold", "warm_disk", "warm_page"], self._cold_and_warm)
+        self.measure(["cold", "warm_disk", "warm_page", "cpu_cold_server", "cpu_cold_fs",
+                      "cpu_cold_reader"], self._cold_and_warm)
 
         say("rclone on Orthanc's WebDAV, cold")
         self.measure(["rclone"], self._rclone)
@@ -761,7 +794,13 @@ class Bench:
         with self.mounts.mounted(self.mounts.dicomfs(self.orthanc.dicomweb_url, cache)) as h:
             m["mount"].add(h.seconds)
             folder = h.path / "studies" / self.ct.study / self.ct.series
+            assert h.pid is not None
+            before = (cpu_seconds(self.orthanc_pid), cpu_seconds(h.pid), children_cpu_seconds())
             m["cold"].add(self._read(folder, h))
+            after = (cpu_seconds(self.orthanc_pid), cpu_seconds(h.pid), children_cpu_seconds())
+            for key, start, end in zip(("cpu_cold_server", "cpu_cold_fs", "cpu_cold_reader"),
+                                       before, after, strict=True):
+                m[key].add(end - start)
             self.verify(["cold"], folder, self.ct)
         with self.mounts.mounted(self.mounts.dicomfs(self.orthanc.dicomweb_url, cache)) as h:
             folder = h.path / "studies" / self.ct.study / self.ct.series
@@ -1013,22 +1052,38 @@ def first_line(cmd: Sequence[str]) -> str:
 
 
 WHERE_THE_TIME_GOES = """\
-What limits each figure, as profiled (py-spy on the mount process) while building dicomfs:
+What limits each figure, as measured while building dicomfs (py-spy and perf on the mount
+process, strace of the reader, CPU time from /proc as in the CPU rows above):
 
 - **Cold series read** = listing + bulk stream + what the reader still has to read when the
-  stream ends. The `cat` glob lists the folder first: QIDO-RS of 400 instances costs Orthanc
-  about 0.25 s whatever fields are asked for, a cost the wire row does not pay. The series
-  stream then lands in the cache at about 1.5-2x the wire (HTTP parsing in Python, one
-  file written and renamed per instance, each checked for completeness). Orthanc streams
-  in instance-number order while `cat *.dcm` reads in name (UID) order, so the reader waits
-  for its next file and most of its reading happens after the stream ends.
+  stream ends, and on this machine it is CPU-bound: Orthanc, the dicomfs process and `cat`
+  share 2 cores. The `cat` glob lists the folder first: QIDO-RS of 400 instances costs
+  Orthanc as much as the wire retrieve itself (~0.2 s, whatever fields are asked for), so
+  Orthanc alone spends about twice its wire CPU (the CPU rows). The dicomfs process parses
+  the stream in Python and copies every byte twice into new page-cache pages: once into its
+  cache file, once into the mount's page cache at the first open. Filling new pages is this
+  VM's most variable cost: 200 MB took 0.05 s to 0.53 s within the same hour (DAMON pageout,
+  a virtio balloon), which is most of the spread of the cold rows. Orthanc streams in
+  instance-number order while `cat *.dcm` reads in name (UID) order, so the reader waits for
+  its next file and most of its reading happens after the stream ends.
+- **~1 GB study**: QIDO of its 2000 instances (two pages of 1000) costs Orthanc ~1.1 s,
+  the stream lands at ~320 MB/s, and most files are read after it ends.
 - **Measured and rejected**: 400 parallel single-instance requests (8 or 16 at once) take
-  1.2-1.4 s on this Orthanc against 0.3-0.5 s for one series request; writing parts from a
-  worker thread made cold reads about 1.5x slower (GIL hand-offs delay every FUSE request).
-- **Warm reads**: every file costs an OPEN and a RELEASE round trip through the kernel and
-  pyfuse3's single-threaded loop (about 0.3-0.5 ms together); the data itself is pushed into
-  the page cache at the first open (`notify_store`) or read in 256 KiB requests. Local `cat`
-  pays none of that.
+  1.2-1.4 s on this Orthanc against 0.3-0.5 s for one series request. Writing the stream's
+  parts from worker threads, per chunk (about 1.5x slower) or per whole part while parsing
+  goes on (0.45-0.53 s against 0.31-0.37 s for the series to land): GIL hand-offs cost more
+  than the copy they move. Pushing files into the page cache from a worker thread, ahead of
+  a walking reader or as the prefetch lands them: no faster (cold 0.87-0.90 s either way,
+  4 runs each), more CPU.
+- **Warm from page cache**: every file still costs an OPEN and a RELEASE round trip through
+  pyfuse3's event loop: 85 us per open+close (136 us before opens of files the kernel holds
+  stopped opening the cache file), 34 ms for 400 files against a 49 ms local `cat`, so about
+  1.7x at best. The kernel can skip OPEN (FUSE no_open: `open` answers ENOSYS), but READ
+  then carries no file handle and pyfuse3 3.5 (the latest) passes `read()` no inode, so
+  dropped pages could not be read again; FUSE passthrough needs libfuse 3.16 (Debian
+  bookworm has 3.14) and a pyfuse3 that exposes it.
+- **Warm from disk cache**: the same round trips, plus copying each file into new pages of
+  the mount's page cache at its first open (`notify_store` from an mmap of the cache file).
 - **Listing**: warm `ls -l` answers from memory; extended attributes answer ENOSYS so the
   kernel stops asking for them.
 """
@@ -1049,6 +1104,10 @@ HOW_MEASURED = """\
 - **wire**: `curl -H 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'`
   of the WADO-RS series (or study, or instance) into /dev/null: what the bytes cost on this
   server with no file system in between. Reference for cold reads.
+- **curl -o file**: the same retrieve into a new file next to the caches (each run its own
+  file, all deleted at the end): the least a caching reader must do, write the bytes.
+- **CPU rows**: user + system time from `/proc/<pid>/stat` of Orthanc and of the mount
+  process, before and after the timed operation; for `cat`, `getrusage(RUSAGE_CHILDREN)`.
 - **local disk**: `cat` of the same 400 files from the archive folder, page cache warm.
   Reference for warm reads (and `ls -l` of that folder for the listing rows).
 - **dicomfs reads**: `cat MNT/studies/<Study>/<Series>/*.dcm > /dev/null`. After each read the
