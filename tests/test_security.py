@@ -49,13 +49,12 @@ from fakes import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 import dicomfs.client
 from dicomfs import dicomjson, part10
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.demo import Archive, LocalOrthanc
+from dicomfs.demo.archive import part10_dataset
 from dicomfs.demo.mounts import force_unmount, is_mounted, mount_points, run_quietly
 from dicomfs.errors import DicomfsError, IntegrityError, ProtocolError, ServerError
 from dicomfs.store import server_folder_name
@@ -73,11 +72,7 @@ PYTHON = sys.executable
 
 def make_dicom(study: str, series: str, sop: str) -> bytes:
     """A small, valid Part 10 secondary-capture instance."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = part10_dataset("1.2.840.10008.5.1.4.1.1.7", sop)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     ds.SOPInstanceUID = sop
     ds.StudyInstanceUID = study
