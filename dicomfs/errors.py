@@ -57,3 +57,8 @@ class Truncated(ProtocolError):
 
 class IntegrityError(ProtocolError):
     """The bytes arrived whole but are not the DICOM instance that was asked for."""
+
+
+class CacheError(DicomfsError):
+    """The cache folder failed us (removed under a live mount, full, unwritable): EIO, not
+    "no such file", because the file exists on the server all the same."""

@@ -16,17 +16,21 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dicomfs.errors import CacheError
 from dicomfs.uids import check_uid
 
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
+RESERVE_SHARE = 10  # the disk reserve is at most 1/10 of the cache's filesystem
 STALE_TEMP_SECONDS = 24 * 3600
 RECENCY_RESOLUTION = 3600.0
 OBJECTS = "objects"
@@ -59,13 +63,17 @@ class Key:
 
 @dataclass(slots=True)
 class Blob:
-    """An open, read-only cache entry. The descriptor outlives eviction of the entry."""
+    """An open, read-only cache entry; the store does not evict it while it is open."""
 
     fd: int
     size: int
+    on_close: Callable[[], None] | None = None
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
 
 
 def server_folder_name(url: str) -> str:
@@ -135,20 +143,29 @@ class Store:
 
     The size bound counts blobs and metadata; listings are small and kept apart
     so that offline browsing survives eviction. Recency is the file's mtime,
-    refreshed on use, so the LRU order survives a remount.
+    refreshed on use, so the LRU order survives a remount. Entries open for
+    reading are pinned: a reader never has its file evicted from under it.
+
+    Thread-safe: commits (renames, eviction unlinks) run in worker threads, so
+    that the trio thread serving every FUSE request never waits on the disk.
+    The disk reserve (free space left to others) is ``reserve_bytes`` or a tenth
+    of the filesystem, whichever is smaller: 1 GiB would leave a cache on a small
+    filesystem no room at all.
     """
 
     def __init__(self, folder: Path, *, max_bytes: int = 10 * GiB,
                  reserve_bytes: int = GiB) -> None:
         self.folder = folder
         self.max_bytes = max_bytes
-        self.reserve_bytes = reserve_bytes
         self._objects = folder / OBJECTS
         self._listings = folder / LISTINGS
         self._temp = folder / TEMP
         for path in (folder, self._objects, self._listings, self._temp):
             make_private_dir(path)
+        self.reserve_bytes = min(reserve_bytes, shutil.disk_usage(folder).total // RESERVE_SHARE)
+        self._lock = threading.RLock()
         self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._pins: Counter[str] = Counter()
         self._total = 0
         self._clean_temp()
         self._scan()
@@ -161,7 +178,8 @@ class Store:
         store = cls(folder, **kwargs)
         marker = folder / "server.json"
         if not marker.exists():
-            store._write_atomic(marker, json.dumps({"url": url}).encode())
+            with _cache_errors():
+                store._written(json.dumps({"url": url}).encode()).move_to(marker)
         return store
 
     # -- start-up -----------------------------------------------------------------
@@ -192,17 +210,27 @@ class Store:
     # -- entries ------------------------------------------------------------------
 
     def open(self, key: Key) -> Blob | None:
-        """The entry, open for reading, or None when it is not cached."""
+        """The entry, open for reading and pinned until closed, or None when not cached."""
         rel = key.relpath()
         path = self._objects / rel
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            self._forget(rel)
-            return None
-        info = os.fstat(fd)
-        self._touch(rel, path, info)
-        return Blob(fd, info.st_size)
+        with self._lock:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._forget(rel)
+                return None
+            except OSError as exc:
+                raise CacheError(f"cannot read the cache: {exc}") from None
+            info = os.fstat(fd)
+            self._touch(rel, path, info)
+            self._pins[rel] += 1
+        return Blob(fd, info.st_size, lambda: self._unpin(rel))
+
+    def _unpin(self, rel: str) -> None:
+        with self._lock:
+            self._pins[rel] -= 1
+            if self._pins[rel] <= 0:
+                del self._pins[rel]
 
     def holds(self, key: Key) -> bool:
         """Whether anything is cached for the study or series a metadata ``key`` names."""
@@ -212,53 +240,53 @@ class Store:
         """The entry's size if this process knows it is cached (no disk access)."""
         return self._sizes.get(key.relpath())
 
-    def read_bytes(self, key: Key) -> bytes | None:
-        blob = self.open(key)
-        if blob is None:
-            return None
-        try:
-            return os.pread(blob.fd, blob.size, 0) if blob.size else b""
-        finally:
-            blob.close()
+    def capacity(self) -> int:
+        """How many bytes the cache can hold now: its bound, or what the disk has room
+        for beyond the reserve, whichever is smaller."""
+        free = shutil.disk_usage(self.folder).free
+        return max(0, min(self.max_bytes, self._total + free - self.reserve_bytes))
 
     def writer(self) -> Writer:
         """A new temporary file in this store's folder, named after this process."""
-        return Writer(self._temp / f"{os.getpid()}.{os.urandom(6).hex()}.part")
+        with _cache_errors():
+            return Writer(self._temp / f"{os.getpid()}.{os.urandom(6).hex()}.part")
 
     def commit(self, writer: Writer, key: Key) -> None:
         """Move a finished temporary file into place as ``key``; evict to stay in bounds."""
         rel = key.relpath()
         path = self._objects / rel
-        try:
-            _make_dirs(self._objects, path.parent)
-        except OSError:
-            writer.abort()
-            raise
-        writer.move_to(path)
-        self._forget(rel)
-        self._sizes[rel] = writer.size
-        self._total += writer.size
-        self._evict(keep=rel)
+        with self._lock:  # renames and evictions in turn: the bound holds on disk too
+            with _cache_errors():
+                try:
+                    _make_dirs(self._objects, path.parent)
+                except OSError:
+                    writer.abort()
+                    raise
+                writer.move_to(path)
+            self._forget(rel)
+            self._sizes[rel] = writer.size
+            self._total += writer.size
+            self._evict(keep=rel)
 
     def put_bytes(self, key: Key, data: bytes) -> None:
+        """Store ``data`` as ``key`` (in one go: it is small, metadata or an image)."""
+        self.commit(self._written(data), key)
+
+    def _written(self, data: bytes) -> Writer:
         writer = self.writer()
         try:
-            writer.write(data)
+            with _cache_errors():
+                writer.write(data)
         except BaseException:
             writer.abort()
             raise
-        self.commit(writer, key)
-
-    def discard(self, key: Key) -> None:
-        rel = key.relpath()
-        self._forget(rel)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._objects / rel)
+        return writer
 
     # -- listings -----------------------------------------------------------------
 
     def save_listing(self, name: str, data: bytes) -> None:
-        self._write_atomic(self._listing_path(name), data)
+        with _cache_errors():
+            self._written(data).move_to(self._listing_path(name))
 
     def load_listing(self, name: str) -> tuple[bytes, float] | None:
         """A saved listing and its age in seconds, or None."""
@@ -280,14 +308,6 @@ class Store:
 
     # -- accounting ---------------------------------------------------------------
 
-    @property
-    def total_bytes(self) -> int:
-        return self._total
-
-    @property
-    def entries(self) -> int:
-        return len(self._sizes)
-
     def _touch(self, rel: str, path: Path, info: os.stat_result) -> None:
         """Mark an entry as just used; on disk at most hourly (the LRU order a remount
         starts from), since writing an inode on every open costs more than a read."""
@@ -306,29 +326,32 @@ class Store:
             self._total -= size
 
     def _evict(self, keep: str) -> None:
-        """Drop least recently used entries until under the bound and the disk reserve."""
+        """Drop least recently used entries until under the bound and the disk reserve;
+        entries open for reading (and ``keep``, just written) stay."""
         free = shutil.disk_usage(self.folder).free
-        while self._sizes and (self._total > self.max_bytes or free < self.reserve_bytes):
-            rel, size = next(iter(self._sizes.items()))
-            if rel == keep:
-                if len(self._sizes) == 1:
-                    break
-                self._sizes.move_to_end(rel)
-                continue
+        while self._total > self.max_bytes or free < self.reserve_bytes:
+            rel = next(self._victims(keep), None)
+            if rel is None:
+                break
+            size = self._sizes[rel]
             self._forget(rel)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._objects / rel)
                 free += size
             log.debug("evicted %s (%d bytes)", rel, size)
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        writer = self.writer()
-        try:
-            writer.write(data)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.move_to(path)
+    def _victims(self, keep: str) -> Iterator[str]:
+        """Entries in LRU order that may be evicted."""
+        return (rel for rel in self._sizes if rel != keep and rel not in self._pins)
+
+
+@contextlib.contextmanager
+def _cache_errors() -> Iterator[None]:
+    """OS errors of the cache folder as CacheError (EIO), never as "no such file"."""
+    try:
+        yield
+    except OSError as exc:
+        raise CacheError(f"the cache folder failed: {exc}") from None
 
 
 def _make_dirs(base: Path, folder: Path) -> None:
