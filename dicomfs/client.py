@@ -80,7 +80,7 @@ class ClientConfig:
     wado_url: str | None = None
     timeout: float = 30.0
     connect_timeout: float = 10.0
-    max_connections: int = 8
+    max_connections: int = 16
     page_size: int = 1000
     page_concurrency: int = 1  # QIDO pages asked at once in a long listing (opt-in)
     retries: int = 3
@@ -131,8 +131,17 @@ def query_string(params: Iterable[tuple[str, str]]) -> str:
                     for key, value in params)
 
 
-def _retryable(exc: DicomwebError) -> bool:
+def retryable(exc: DicomwebError) -> bool:
+    """Whether asking again may succeed: the server was busy, slow, gone or cut us off."""
     return isinstance(exc, ServerError | Timeout | Unreachable | Truncated)
+
+
+def backoff(attempt: int, exc: DicomwebError) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: exponential with full jitter; a
+    server's Retry-After wins if sane. The one retry policy of every request."""
+    if exc.retry_after and exc.retry_after.isdigit():
+        return min(float(exc.retry_after), 30.0)
+    return random.uniform(0, min(0.25 * 2**attempt, 8.0))
 
 
 class DicomwebClient:
@@ -168,11 +177,13 @@ class DicomwebClient:
     # -- plumbing -----------------------------------------------------------------
 
     async def _send(self, url: str, *, accept: str, params: list[tuple[str, str]] | None = None,
-                    encoding: str | None = None) -> httpx.Response:
+                    encoding: str | None = None, retry: bool = True) -> httpx.Response:
         """Send a GET and return the open response once its status is good.
 
         Retries cover the request up to its status line; a body that breaks later
         is the caller's to fetch again, since only it knows what it has consumed.
+        With ``retry`` off the caller runs the retries (the fetch engine, which
+        also adapts its connection count to what it sees).
         """
         attempt = 0
         while True:
@@ -180,9 +191,9 @@ class DicomwebClient:
                 return await self._send_once(url, accept=accept, params=params,
                                              encoding=encoding)
             except DicomwebError as exc:
-                if not _retryable(exc) or attempt >= self.config.retries:
+                if not retry or not retryable(exc) or attempt >= self.config.retries:
                     raise
-                delay = self._backoff(attempt, exc)
+                delay = backoff(attempt, exc)
                 attempt += 1
                 log.warning("retrying in %.1fs (%d/%d) after: %s", delay, attempt,
                             self.config.retries, exc)
@@ -210,13 +221,6 @@ class DicomwebClient:
         message = body[:MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
         raise _status_error(response.status_code, message, url,
                             response.headers.get("Retry-After"))
-
-    @staticmethod
-    def _backoff(attempt: int, exc: DicomwebError) -> float:
-        """Exponential backoff with full jitter; a server's Retry-After wins if sane."""
-        if exc.retry_after and exc.retry_after.isdigit():
-            return min(float(exc.retry_after), 30.0)
-        return random.uniform(0, min(0.25 * 2**attempt, 8.0))
 
     async def _get_bytes(self, url: str, *, accept: str,
                          params: list[tuple[str, str]] | None = None,
@@ -353,11 +357,12 @@ class DicomwebClient:
         body, _ = await self._get_bytes(self._wado + path, accept="application/dicom+json")
         return body
 
-    async def _send_retrieve(self, url: str, *, single_part: bool) -> httpx.Response:
+    async def _send_retrieve(self, url: str, *, single_part: bool,
+                             retry: bool) -> httpx.Response:
         # DICOM bytes are the payload, not text: compression costs CPU on both
         # ends and hides the part lengths, so ask for them as they are.
         return await self._send(url, accept=self._retrieve_accept(single_part),
-                                encoding="identity")
+                                encoding="identity", retry=retry)
 
     def _retrieve_accept(self, single_part: bool) -> str:
         syntax = f"transfer-syntax={self.config.transfer_syntax}"
@@ -367,7 +372,8 @@ class DicomwebClient:
 
     @asynccontextmanager
     async def retrieve(self, study: str, series: str | None = None,
-                       instance: str | None = None) -> AsyncIterator[AsyncIterator[Event]]:
+                       instance: str | None = None, *,
+                       retry: bool = True) -> AsyncIterator[AsyncIterator[Event]]:
         """Stream a study, series or instance as multipart events.
 
         ``async with client.retrieve(s, se, i) as events: async for event in events``.
@@ -382,12 +388,12 @@ class DicomwebClient:
         url = self._wado + path
         single = self.config.single_part and instance is not None
         try:
-            response = await self._send_retrieve(url, single_part=single)
+            response = await self._send_retrieve(url, single_part=single, retry=retry)
         except BadRequest as exc:
             # Some servers speak only one of the two forms for single instances.
             if instance is None or exc.status not in (400, 406, 415):
                 raise
-            response = await self._send_retrieve(url, single_part=not single)
+            response = await self._send_retrieve(url, single_part=not single, retry=retry)
         try:
             yield self._events(response, url)
         finally:
