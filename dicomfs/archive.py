@@ -1,39 +1,40 @@
 """The read-through cache: answer from the store when possible, from the server when needed.
 
 This is where "nothing immutable is fetched twice" is kept: listings live in
-memory for a TTL and on disk for offline use, metadata and instances go to the
-store once verified, and concurrent requests for the same entry share one
-download. Nothing unverified ever reaches the store, so nothing unverified is
-ever served.
+memory for a TTL and on disk for offline use, metadata and rendered images go
+to the store once checked, and instances come through the fetch engine
+(:mod:`dicomfs.fetch`), which verifies them before they are stored; opens of
+instances also tell read-ahead (:mod:`dicomfs.readahead`) where programs walk.
+Concurrent requests for the same listing or entry share one download. Nothing
+unverified ever reaches the store, so nothing unverified is ever served.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import cachetools
 import trio
 
-from dicomfs import dicomjson, part10
+from dicomfs import dicomjson
 from dicomfs.client import DicomwebClient, Query
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import (
     DicomfsError,
     IntegrityError,
-    ProtocolError,
     ServerError,
     Timeout,
-    Truncated,
     Unreachable,
 )
-from dicomfs.multipart import PartData, PartStart
-from dicomfs.store import Blob, Key, Store, Writer
-from dicomfs.uids import is_uid
+from dicomfs.fetch import FetchEngine, Priority, ServerHealth
+from dicomfs.readahead import Readahead
+from dicomfs.store import Blob, Key, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,43 +49,14 @@ def _ignore(size: int) -> None:
     """The default progress callback."""
 
 
+@dataclass(eq=False)
 class _Flight:
     """One download in progress; everyone who wants the same entry waits on it."""
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-
-
-async def sop_instance_uid(writer: Writer, *, double_check: str | None = None) -> str:
-    """The SOP Instance UID of a written part, once it is shown a whole Part 10 file.
-
-    The dataset's UID is the instance's identity (servers index by it, and a file
-    meta that says otherwise exists in the wild). A quick walk answers for little
-    endian files; pydicom, in a worker thread, for the others and to double-check
-    a walk that disagrees with ``double_check``, the UID that was asked for.
-    """
-    fd = os.open(writer.path, os.O_RDONLY)
-    try:
-        found = part10.check_whole(writer.head, fd, writer.size)
-    finally:
-        os.close(fd)
-    if found is None or (double_check is not None and found != double_check):
-        def from_file() -> str:
-            with open(writer.path, "rb") as f:
-                return part10.parsed_sop_uid(f)
-
-        found = await trio.to_thread.run_sync(from_file)
-    if not is_uid(found):
-        raise IntegrityError(f"not a DICOM instance: SOP Instance UID {found[:64]!r}")
-    return found
-
-
-async def verify_instance(writer: Writer, key: Key) -> None:
-    """Raise IntegrityError unless the written part is the whole instance ``key`` names."""
-    found = await sop_instance_uid(writer, double_check=key.instance)
-    if found != key.instance:
-        raise IntegrityError(f"asked for instance {key.instance}, got {found!r}")
+    done: trio.Event = field(default_factory=trio.Event)
+    error: DicomfsError | None = None
+    finished: bool = False
+    result: Any = None
 
 
 def count_instances(raw: bytes) -> int:
@@ -94,20 +66,34 @@ def count_instances(raw: bytes) -> int:
 
 
 class Archive:
-    """The server as seen through the cache. All methods are trio-async."""
+    """The server as seen through the cache. All methods are trio-async; :meth:`run`
+    (the fetch engine and read-ahead) must be running for instances to arrive."""
 
     def __init__(self, client: DicomwebClient, store: Store, *, listing_ttl: float = 60.0,
-                 retries: int = 3, deadline: float = 120.0) -> None:
+                 retries: int = 3, deadline: float = 120.0, readahead: bool = True) -> None:
         self.client = client
         self.store = store
         self.listing_ttl = listing_ttl
-        self.retries = retries
         self.deadline = deadline
+        self.health = ServerHealth()
+        self.engine = FetchEngine(client, store, max_connections=client.config.max_connections,
+                                  retries=retries, deadline=deadline, health=self.health)
+        self.readahead = Readahead(self.engine, store, self.instance_uids,
+                                   max_window=2 * client.config.max_connections) \
+            if readahead else None
         self._listings: cachetools.TTLCache[str, list[Dataset]] = cachetools.TTLCache(
             maxsize=100_000, ttl=listing_ttl)
         self._flights: dict[object, _Flight] = {}
         self._metadata_counts: dict[Key, int] = {}
-        self._offline_since: float | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run the fetch engine and read-ahead until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.engine.run)
+            if self.readahead is not None:
+                await nursery.start(self.readahead.run)
+            task_status.started()
 
     # -- listings (QIDO-RS) ---------------------------------------------------------
 
@@ -125,8 +111,8 @@ class Archive:
                                    lambda: self.client.search_instances(study, series))
 
     async def instance_uids(self, study: str, series: str) -> list[str]:
-        """The SOP Instance UIDs of a series, from its listing."""
-        listing = await self.instances(study, series)
+        """The SOP Instance UIDs of a series, in the order its folder lists them."""
+        listing = dicomjson.in_instance_order(await self.instances(study, series))
         return [uid for ds in listing if (uid := dicomjson.uid(ds, dicomjson.SOP_UID))]
 
     async def find_study(self, study: str) -> Dataset | None:
@@ -161,7 +147,7 @@ class Archive:
         """One instance by UID: from the series listing when it is at hand, else one
         QIDO query. Opening a file by its path must not cost listing a 2000-image series.
         """
-        listed = self._at_hand(f"instances/{study}/{series}")
+        listed = await self._at_hand(f"instances/{study}/{series}")
         if listed is None:
             try:
                 listed = await self._listing(
@@ -185,40 +171,45 @@ class Archive:
         if cached is not None:
             return cached
         saved = self.store.load_listing(name)
-        young = self._young(name, saved)
+        young = await self._young(name, saved)
         if young is not None:
             return young
-        flight_key = ("listing", name)
         try:
-            await self._single_flight(flight_key, lambda: self._fetch_listing(name, fetch))
+            return await self._single_flight(("listing", name),
+                                             lambda: self._fetch_listing(name, fetch))
         except OFFLINE_ERRORS as exc:
             if saved is None:
                 raise
             log.warning("serving a saved listing (%s)", exc)
-            result = dicomjson.load_array(saved[0], what="saved listing")
-            self._listings[name] = result
-            return result
-        return self._listings.get(name) or []
+            return await self._remember(name, saved[0])
 
-    def _at_hand(self, name: str) -> list[Dataset] | None:
+    async def _at_hand(self, name: str) -> list[Dataset] | None:
         """A listing from memory or from a saved copy younger than the TTL; no request."""
         cached = self._listings.get(name)
-        return cached if cached is not None else self._young(name,
-                                                             self.store.load_listing(name))
+        return cached if cached is not None else \
+            await self._young(name, self.store.load_listing(name))
 
-    def _young(self, name: str, saved: tuple[bytes, float] | None) -> list[Dataset] | None:
+    async def _young(self, name: str, saved: tuple[bytes, float] | None
+                     ) -> list[Dataset] | None:
         """A saved listing if it is younger than the TTL, now kept in memory too."""
         if saved is None or saved[1] >= self.listing_ttl:
             return None
-        result = dicomjson.load_array(saved[0], what="saved listing")
+        return await self._remember(name, saved[0])
+
+    async def _remember(self, name: str, raw: bytes) -> list[Dataset]:
+        """A saved listing, parsed in a worker thread (it may list thousands)."""
+        result = await trio.to_thread.run_sync(
+            lambda: dicomjson.load_array(raw, what="saved listing"))
         self._listings[name] = result
         return result
 
     async def _fetch_listing(self, name: str,
-                             fetch: Callable[[], Awaitable[list[Dataset]]]) -> None:
+                             fetch: Callable[[], Awaitable[list[Dataset]]]) -> list[Dataset]:
         result = await self._guarded(fetch)
         self._listings[name] = result
-        self.store.save_listing(name, json.dumps(result).encode())
+        await trio.to_thread.run_sync(
+            lambda: self.store.save_listing(name, json.dumps(result).encode()))
+        return result
 
     # -- metadata (WADO-RS) ---------------------------------------------------------
 
@@ -274,17 +265,23 @@ class Archive:
             raw = await self._guarded(
                 lambda: self.client.series_metadata(key.study, key.series or ""))
         self._metadata_counts[key] = await trio.to_thread.run_sync(count_instances, raw)
-        self.store.put_bytes(key, raw)
+        await trio.to_thread.run_sync(self.store.put_bytes, key, raw)
 
     # -- instances and rendered images ----------------------------------------------
 
     async def instance(self, study: str, series: str, instance: str) -> Blob:
-        """The instance's stored bytes, from the cache or downloaded and verified first."""
+        """The instance's stored bytes, from the cache or fetched and verified first.
+
+        Every open, cached or not, tells read-ahead first, so that the files a
+        walking program opens next are on their way while this one arrives.
+        """
         key = Key(study, series, instance, "dcm")
+        if self.readahead is not None:
+            self.readahead.opened(key)
         blob = self.store.open(key)
         if blob is not None:
             return blob
-        await self._single_flight(key, lambda: self._guarded(lambda: self._download(key)))
+        await self.engine.fetch(key)
         return await self._open_filled(key)
 
     async def rendered(self, study: str, series: str, instance: str, fmt: str) -> Blob:
@@ -301,155 +298,46 @@ class Archive:
             key.study, key.series or "", key.instance or "", media_type=MEDIA_TYPES[key.kind]))
         if not data.startswith(IMAGE_MAGIC[key.kind]):
             raise IntegrityError(f"rendered {key.kind} of {key.instance} is not a {key.kind}")
-        self.store.put_bytes(key, data)
+        await trio.to_thread.run_sync(self.store.put_bytes, key, data)
 
-    async def _download(self, key: Key) -> None:
-        """Fetch one instance into the store; a transfer cut short is fetched again."""
-        for attempt in range(self.retries + 1):
-            writer = self.store.writer()
-            try:
-                async with self.client.retrieve(key.study, key.series,
-                                                key.instance) as events:
-                    parts = 0
-                    async for event in events:
-                        if isinstance(event, PartStart):
-                            parts += 1
-                            if parts > 1:
-                                raise ProtocolError("an instance answer with several parts")
-                        elif isinstance(event, PartData):
-                            self._write_bounded(writer, event.data)
-                if parts == 0:
-                    raise ProtocolError("an instance answer with no part")
-                await verify_instance(writer, key)
-                self.store.commit(writer, key)
-                return
-            except (Truncated, Timeout) as exc:  # cut or stalled mid-body
-                writer.abort()
-                if attempt >= self.retries:
-                    raise
-                log.warning("instance %s: %s; fetching again", key.instance, exc)
-            except BaseException:
-                writer.abort()
-                raise
-
-    async def fill_series(self, study: str, series: str, *,
-                          on_stored: Callable[[int], None] = _ignore) -> list[str]:
+    async def fill(self, study: str, series: str, *,
+                   on_stored: Callable[[int], None] = _ignore) -> list[str]:
         """Bring every instance of a series into the store; returns the UIDs that failed.
 
-        Mostly uncached: one series request, at the speed of the wire. Mostly
-        cached, as when an interrupted prefetch resumes: only what is missing,
-        one request each, a few at a time. ``on_stored`` gets each new entry's size.
+        What is cached already is skipped, so an interrupted fill resumes where it
+        stopped. Mostly missing and the server near (judged from the first one
+        fetched), the rest comes in one series stream; else in parallel requests.
+        ``on_stored`` gets each new entry's size.
         """
+        failed: list[str] = []
         wanted = await self.instance_uids(study, series)
         missing = [uid for uid in wanted if not self.is_cached(study, series, uid)]
-        if len(missing) * 2 > len(wanted):
-            delivered = await self.fetch_series(study, series, missing, on_stored=on_stored)
-            # Not "what is not cached now": a small cache may already have evicted
-            # what the stream delivered, and fetching that again would loop.
-            missing = [uid for uid in missing if uid not in delivered]
-        failed: list[str] = []
-        limiter = trio.CapacityLimiter(self.client.config.max_connections)
 
         async def fetch_one(instance: str) -> None:
-            async with limiter:
-                try:
-                    blob = await self.instance(study, series, instance)
-                except DicomfsError as exc:
-                    log.warning("instance %s: %s", instance, exc)
-                    failed.append(instance)
-                    return
-                blob.close()
-                on_stored(blob.size)
+            key = Key(study, series, instance, "dcm")
+            try:
+                await self.engine.fetch(key, Priority.BACKGROUND)
+            except DicomfsError as exc:
+                log.warning("instance %s: %s", instance, exc)
+                failed.append(instance)
+                return
+            on_stored(self.store.size(key) or 0)
 
+        if len(missing) * 2 > len(wanted):
+            await fetch_one(missing.pop(0))
+            if self.engine.near:
+                self.engine.stream(study, series, missing)
         async with trio.open_nursery() as nursery:
             for instance in missing:
                 nursery.start_soon(fetch_one, instance)
         return failed
 
     def is_cached(self, study: str, series: str, instance: str) -> bool:
-        return self.store.size(Key(study, series, instance, "dcm")) is not None
+        return self.cached_size(Key(study, series, instance, "dcm")) is not None
 
-    async def fetch_series(self, study: str, series: str, wanted: Iterable[str], *,
-                           on_stored: Callable[[int], None] = _ignore) -> set[str]:
-        """Stream a series into the store in one request, keeping the ``wanted`` instances.
-
-        The wanted instances that are neither cached nor already on their way are
-        claimed first, so that opening one of them waits for this stream instead
-        of asking the server a second time. Whatever the stream does not deliver
-        is released, and its waiters fetch it on their own. Returns the UIDs stored.
-        """
-        claimed: dict[str, _Flight] = {}
-        for instance in wanted:
-            key = Key(study, series, instance, "dcm")
-            if self.store.size(key) is None and key not in self._flights:
-                claimed[instance] = self._flights[key] = _Flight()
-        wanted_here = set(claimed)
-        try:
-            if claimed:
-                await self._stream_series(study, series, claimed, on_stored)
-        finally:
-            for instance, flight in claimed.items():
-                self._land(Key(study, series, instance, "dcm"), flight)
-        return wanted_here - set(claimed)
-
-    async def _stream_series(self, study: str, series: str, claimed: dict[str, _Flight],
-                             on_stored: Callable[[int], None]) -> None:
-        """Write each part to a temporary file and keep it if it is a claimed instance."""
-        writer = None
-        try:
-            async with self.client.retrieve(study, series) as events:
-                async for event in events:
-                    if isinstance(event, PartStart):
-                        writer = self.store.writer()
-                    elif isinstance(event, PartData) and writer is not None:
-                        self._write_bounded(writer, event.data)
-                    elif writer is not None:
-                        await self._keep_part(writer, study, series, claimed, on_stored)
-                        writer = None
-        except DicomfsError as exc:
-            log.warning("series %s: bulk fetch stopped (%s); the rest comes one by one",
-                        series, exc)
-        finally:
-            if writer is not None:
-                writer.abort()
-
-    async def _keep_part(self, writer: Writer, study: str, series: str,
-                         claimed: dict[str, _Flight], on_stored: Callable[[int], None]
-                         ) -> None:
-        """Commit one part of a series stream if it is a claimed instance of that series.
-
-        Claimed UIDs come from the series' QIDO listing, and SOP Instance UIDs are
-        unique, so a part whose UID was claimed is that instance of this series.
-        """
-        try:
-            found = await sop_instance_uid(writer)
-            flight = claimed.pop(found, None)
-            if flight is None:
-                writer.abort()
-                return
-            key = Key(study, series, found, "dcm")
-            self.store.commit(writer, key)
-            self._land(key, flight)
-            on_stored(writer.size)
-        except (IntegrityError, OSError) as exc:
-            writer.abort()
-            log.warning("series %s: skipped a part (%s)", series, exc)
-
-    def _land(self, key: object, flight: _Flight) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        flight.done.set()
-
-    def _write_bounded(self, writer: Writer, data: bytes) -> None:
-        """Write part data, refusing a part larger than the whole cache may hold.
-
-        Without a bound, a broken or hostile server streaming without end would
-        fill the disk before any check at commit time could object.
-        """
-        if writer.size + len(data) > self.store.max_bytes:
-            raise ProtocolError(f"an instance larger than the cache size "
-                                f"({self.store.max_bytes} bytes); raise --cache-size")
-        writer.write(data)
+    def cached_size(self, key: Key) -> int | None:
+        """The size of a cached entry, without touching the disk; None if not cached."""
+        return self.store.size(key)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -464,28 +352,36 @@ class Archive:
 
     async def _refill(self, key: Key) -> None:
         if key.kind == "dcm":
-            await self._guarded(lambda: self._download(key))
+            await self.engine.fetch(key)
         elif key.kind == "metadata":
             await self._fetch_metadata(key)
         else:
             await self._fetch_rendered(key)
 
-    async def _single_flight(self, key: object, work: Callable[[], Awaitable[object]]) -> None:
-        """Run ``work`` once for everyone who asks for ``key`` while it runs."""
-        flight = self._flights.get(key)
-        if flight is not None:
+    async def _single_flight(self, key: object, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` once for everyone who asks for ``key`` while it runs.
+
+        Waiters get the result, or a fresh copy of the owner's error; when the owner
+        was cancelled (its reader gave up), the next waiter does the work itself.
+        """
+        while (flight := self._flights.get(key)) is not None:
             await flight.done.wait()
             if flight.error is not None:
-                raise flight.error
-            return
+                raise copy.copy(flight.error)
+            if flight.finished:
+                return flight.result  # type: ignore[no-any-return]
         flight = self._flights[key] = _Flight()
         try:
-            await work()
-        except BaseException as exc:
+            flight.result = await work()
+            flight.finished = True
+            return flight.result  # type: ignore[no-any-return]
+        except DicomfsError as exc:
             flight.error = exc
             raise
         finally:
-            self._land(key, flight)
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
 
     async def _guarded(self, work: Callable[[], Awaitable[T]]) -> T:
         """Bound one fetch by the deadline and keep track of whether the server answers."""
@@ -494,21 +390,13 @@ class Archive:
                 result = await work()
         except trio.TooSlowError:
             exc = Timeout(f"no complete answer within {self.deadline:g} s")
-            self._note_offline(exc)
+            self.health.failed(exc)
             raise exc from None
         except (Unreachable, Timeout) as exc:
-            self._note_offline(exc)
+            self.health.failed(exc)
             raise
-        if self._offline_since is not None:
-            log.warning("server reachable again after %.0f s",
-                        time.monotonic() - self._offline_since)
-            self._offline_since = None
+        self.health.answered()
         return result
-
-    def _note_offline(self, exc: BaseException) -> None:
-        if self._offline_since is None:
-            self._offline_since = time.monotonic()
-            log.error("server unreachable (%s); serving what is cached", exc)
 
 
 def _pick(datasets: list[Dataset], tag: str, uid: str) -> Dataset | None:

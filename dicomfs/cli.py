@@ -159,8 +159,8 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
                        "(default 120)")
     parser.add_argument("--retries", type=int, default=3, metavar="N",
                        help="retries of a failed request (default 3)")
-    parser.add_argument("--max-connections", type=positive(int), default=8, metavar="N",
-                       help="parallel connections to the server (default 8)")
+    parser.add_argument("--max-connections", type=positive(int), default=16, metavar="N",
+                       help="most connections to the server at once (default 16)")
     parser.add_argument("--page-size", type=positive(int), default=1000, metavar="N",
                         help="QIDO page size (limit) (default 1000)")
     parser.add_argument("--page-concurrency", type=positive(int), default=1, metavar="N",
@@ -406,9 +406,13 @@ def run_prefetch(args: argparse.Namespace) -> int:
     config = client_config(args, gather_secrets(args))
 
     async def run() -> int:
-        async with DicomwebClient(config) as client:
-            archive = Archive(client, store, retries=args.retries, deadline=args.deadline)
-            return await prefetch(archive, args.study, args.series)
+        async with DicomwebClient(config) as client, trio.open_nursery() as nursery:
+            archive = Archive(client, store, retries=args.retries, deadline=args.deadline,
+                              readahead=False)
+            await nursery.start(archive.run)
+            failed = await prefetch(archive, args.study, args.series)
+            nursery.cancel_scope.cancel()
+            return failed
 
     try:
         failed = trio.run(run)

@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from dicomfs.errors import ProtocolError
@@ -113,3 +114,12 @@ def load_array(raw: bytes, *, what: str) -> list[Dataset]:
         log.warning("%s: skipped %d entries that are not JSON objects", what,
                     len(parsed) - len(datasets))
     return datasets
+
+
+def in_instance_order(datasets: Iterable[Dataset]) -> list[Dataset]:
+    """Instances in the order a series folder lists them: by number, then by UID.
+
+    One order for the listing and for read-ahead, which fetches in listing order.
+    """
+    return sorted(datasets, key=lambda ds: (integer(ds, INSTANCE_NUMBER) or 0,
+                                            uid(ds, SOP_UID) or ""))

@@ -29,7 +29,6 @@ from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import DicomfsError, Unauthorized
 from dicomfs.fs import DicomFS
-from dicomfs.prefetch import Prefetcher
 from dicomfs.store import GiB, Store
 from dicomfs.tree import Tree
 
@@ -85,9 +84,8 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
         fuse_options = {*pyfuse3.default_options, "ro", "default_permissions",
                         f"fsname={fsname(options.client.base_url)}", "subtype=dicomfs",
                         *options.fuse_options}
-        prefetcher = Prefetcher(archive)
         try:
-            tree = Tree(archive, prefetcher, scope=options.scope)
+            tree = Tree(archive, scope=options.scope)
         except ValueError as exc:
             raise MountError(f"bad --query: {exc}") from None
         operations = DicomFS(tree, uid=options.uid, gid=options.gid)
@@ -99,7 +97,7 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_report_ready, options.mountpoint, ready)
-                nursery.start_soon(prefetcher.run)
+                await nursery.start(archive.run)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
         finally:

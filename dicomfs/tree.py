@@ -38,7 +38,6 @@ from dicomfs import dicomjson, names
 from dicomfs.archive import Archive
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import BadRequest
-from dicomfs.prefetch import Prefetcher
 from dicomfs.store import Blob, Key
 from dicomfs.uids import is_uid
 
@@ -148,10 +147,8 @@ class _Index:
 class Tree:
     """Paths and nodes over an :class:`Archive`."""
 
-    def __init__(self, archive: Archive, prefetcher: Prefetcher | None = None, *,
-                 scope: Mapping[str, str] | None = None) -> None:
+    def __init__(self, archive: Archive, *, scope: Mapping[str, str] | None = None) -> None:
         self.archive = archive
-        self.prefetcher = prefetcher
         self.scope = dict(names.check_query(scope.items())) if scope else {}
         self.mount_time = time.time()
         self._nodes: dict[int, Node] = {}
@@ -459,13 +456,10 @@ class Tree:
 
     def _instance_nodes(self, parent: Node, found: Iterable[Dataset]) -> list[Node]:
         """File nodes for a series' instances, ordered by instance number."""
-        ordered = sorted(
-            ((dicomjson.integer(ds, dicomjson.INSTANCE_NUMBER) or 0,
-              dicomjson.uid(ds, dicomjson.SOP_UID) or "", ds) for ds in found),
-            key=lambda item: item[:2])
         rendered = parent.kind is Kind.RENDERED_SERIES
         nodes: list[Node] = []
-        for _number, uid, ds in ordered:
+        for ds in dicomjson.in_instance_order(found):
+            uid = _uid(ds, dicomjson.SOP_UID)
             mtime = dicomjson.timestamp(ds, dicomjson.CREATION_DATE, dicomjson.CREATION_TIME)
             for ext in RENDERED_FORMATS if rendered else ("dcm",):
                 node = self._add(
@@ -478,7 +472,7 @@ class Tree:
 
     def _refresh_size(self, node: Node, *, estimate: int) -> None:
         """Exact size when the entry is cached, else the estimate."""
-        cached = self.archive.store.size(node.key)
+        cached = self.archive.cached_size(node.key)
         if cached is not None:
             node.size, node.exact = cached, True
         elif not node.exact:
@@ -490,8 +484,6 @@ class Tree:
         """The file's bytes, fetched (and cached) on first open; the size becomes exact."""
         node = self.node(inode)
         if node.kind is Kind.INSTANCE:
-            if self.prefetcher and self.archive.store.size(node.key) is None:
-                self.prefetcher.note_miss(node.study or "", node.series or "")
             blob = await self.archive.instance(node.study or "", node.series or "",
                                                node.instance or "")
         elif node.kind is Kind.RENDERED_FILE:
