@@ -47,6 +47,7 @@ KNOWN_VRS = frozenset(
 #: Explicit VRs whose length field is 4 bytes (PS3.5 7.1.2).
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                       b"UR", b"UT", b"UV"})
+NOT_WHOLE = "not a whole DICOM object"  # every refusal says so first
 CHUNK = 256 * 1024  # inflate output per step: bounds memory whatever the compression ratio
 
 
@@ -271,11 +272,10 @@ def whole_instance_uid(head: bytes, fd: int | None, size: int) -> str:
         src, enc = _open_dataset(file)
         _dataset(src, enc, 0, top)
     except (EOFError, struct.error):
-        raise IntegrityError("not a whole DICOM object: it ends inside an element (cut short)"
-                             ) from None
+        raise IntegrityError(f"{NOT_WHOLE}: it ends inside an element (cut short?)") from None
     except _Garbage as exc:
-        raise IntegrityError(f"not a DICOM object: {exc}") from None
+        raise IntegrityError(f"{NOT_WHOLE}: {exc}") from None
     uid = top[-1].decode("ascii", "replace") if top else ""
     if not is_uid(uid):
-        raise IntegrityError(f"not a DICOM instance: SOP Instance UID {uid[:64]!r}")
+        raise IntegrityError(f"{NOT_WHOLE}: SOP Instance UID {uid[:64]!r}")
     return uid

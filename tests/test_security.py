@@ -241,10 +241,10 @@ def bad_instances() -> dict[str, tuple[Reply, str]]:
     add(Reply(200, ctype, multipart(part(data, length=len(data) + 10))),
         "Content-Length", one)
     add(Reply(200, ctype, multipart(part(b"<html>I am not a DICOM file</html>" * 20))),
-        "not DICOM Part 10")
+        "not a whole DICOM object")
     one = new()
     add(Reply(200, ctype, multipart(part(b"\0" * 128 + b"DICM" + rng.randbytes(300)))),
-        "not DICOM", one)
+        "not a whole DICOM object", one)
     add(Reply(200, ctype, multipart(part(good))), f"got '{GOOD}'")
     one = new()
     data = make_dicom(GOOD_STUDY, GOOD_SERIES, one)
@@ -466,7 +466,7 @@ def test_single_part_shorter_than_the_instance_is_not_served(
 
 
 def test_corrupt_dicom_header_is_refused_cleanly(mount_factory: MountFactory) -> None:
-    """A part whose Part 10 header is cut or corrupt is "not a DICOM instance": EIO with a
+    """A part whose Part 10 header is cut or corrupt is "not a whole DICOM object": EIO with a
     reason, like any other bad part; not an unexpected exception with a traceback. In a
     series stream it is skipped and the rest of the series is still kept."""
     study, series = f"{ROOT}.8", f"{ROOT}.8.1"
@@ -499,7 +499,7 @@ def test_corrupt_dicom_header_is_refused_cleanly(mount_factory: MountFactory) ->
         assert mount.proc.poll() is None
         log = mount.log()
     assert "unexpectedly" not in log and "Traceback" not in log, log[-3000:]
-    assert "not DICOM" in log or "not a DICOM" in log
+    assert "not a whole DICOM object" in log
 
 
 # --------------------------------------------------------------------------- bounded JSON
