@@ -53,6 +53,11 @@ def test_uids_are_pinned() -> None:
     assert demo_uid("series/ct") == "2.25.235833505532505015594041756329344443617"
 
 
+def _has_preamble(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
 def test_archive_contents(archive: Archive) -> None:
     ct = archive.with_label("ct")
     assert len(ct) == CT_SLICES
@@ -72,7 +77,10 @@ def test_archive_contents(archive: Archive) -> None:
     syntaxes = {f.transfer_syntax for f in archive.files}
     assert set(REQUIRED_SYNTAXES) <= syntaxes, set(REQUIRED_SYNTAXES) - syntaxes
     assert max(f.number_of_frames for f in archive.files) >= 100
-    assert any(f.origin == "meta-added" for f in archive.files)
+    raw = {f.transfer_syntax for f in archive.files if not _has_preamble(archive.path(f))}
+    assert raw == {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}, (
+        "raw datasets (no preamble, no file meta) in every encoding they may have")
+    assert any(f.origin == "deflated" for f in archive.files)
     russian = archive.with_label("charset/chrRuss.dcm")[0].patient_name
     assert russian and not russian.isascii()
 

@@ -18,11 +18,14 @@ Contents (see :data:`SERIES` and :data:`PYDICOM_PICKS`):
   little endian, explicit big endian, deflated, JPEG baseline/extended/lossless, JPEG-LS
   lossless and near-lossless, JPEG 2000 lossless and lossy, RLE), multi-frame images, SR,
   waveform, RT objects, and the non-ASCII samples of ``pydicom/data/charset_files``;
+* raw datasets, with no preamble and no file meta, as legacy systems send them and servers
+  store them: implicit VR little endian, explicit VR little endian and big endian;
+* a deflated object with nested sequences (see :data:`DEFLATED_PICKS`);
 * real multi-study patients: the images under pydicom's DICOMDIR tests.
 
 Sample files are copied byte for byte unless they must change to be storable: variants of one
-image that share a SOPInstanceUID get a new one, files lacking study/series UIDs get them, and
-files without a Part 10 header get one prepended. Rewrites go through pydicom only for files
+image that share a SOPInstanceUID get a new one, and files lacking study/series UIDs get them.
+Files without a Part 10 header stay without one. Rewrites go through pydicom only for files
 that pydicom round-trips exactly, and the pixel data are checked to be unchanged.
 
 Left out (reasons): other encodings of an image already included (same SOPInstanceUID:
@@ -56,17 +59,17 @@ import numpy as np
 import pydicom
 import pydicom.data
 from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
 #: Bump when the recipe changes in a way the fingerprint cannot see (e.g. pixel synthesis).
-ARCHIVE_VERSION = 1
+ARCHIVE_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dicomfs-demo-archive"
 
@@ -115,7 +118,7 @@ class ArchiveFile:
 
     path: str  # relative to the archive root, POSIX separators
     label: str  # generated series key ("ct", "mr", ...) or "pydicom/<name>", "charset/<name>"
-    origin: str  # "generated" | "copied" | "uid-rewritten" | "uids-added" | "meta-added"
+    origin: str  # "generated" | "copied" | "uid-rewritten" | "uids-added" | "deflated"
     patient_id: str
     patient_name: str  # decoded with the file's SpecificCharacterSet; "" when empty or absent
     study_uid: str
@@ -284,9 +287,10 @@ PYDICOM_PICKS: tuple[str, ...] = (
     "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
     "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
     "ExplVR_BigEnd.dcm",  # explicit VR big endian, US
-    "ExplVR_LitEndNoMeta.dcm",  # no Part 10 header: one is added
-    "rtstruct.dcm",  # RT structure set, no Part 10 header, implicit VR
-    "OT-PAL-8-face.dcm",  # palette colour, no Part 10 header (pydicom-data)
+    "ExplVR_LitEndNoMeta.dcm",  # raw dataset (no preamble, no file meta), explicit VR LE
+    "ExplVR_BigEndNoMeta.dcm",  # raw dataset, explicit VR big endian
+    "rtstruct.dcm",  # RT structure set, raw dataset, implicit VR
+    "OT-PAL-8-face.dcm",  # palette colour, raw dataset, implicit VR (pydicom-data)
     "image_dfl.dcm",  # deflated explicit VR LE
     "JPEG-lossy.dcm",  # JPEG extended (process 2+4)
     "JPEG2000.dcm",  # JPEG 2000 (lossy allowed)
@@ -328,6 +332,11 @@ CHARSET_SKIPPED: tuple[str, ...] = (
 )
 
 
+#: Sample files stored again deflated (new SOPInstanceUID): the only deflated sample of pydicom,
+#: ``image_dfl.dcm``, has no sequences (and ends with a gzip trailer), these have nested ones.
+DEFLATED_PICKS: tuple[str, ...] = ("rtplan.dcm",)
+
+
 def _fingerprint(ct_slices: int) -> str:
     """Hash of everything that decides the archive's bytes, so an edited recipe rebuilds."""
     recipe = {
@@ -335,6 +344,7 @@ def _fingerprint(ct_slices: int) -> str:
         "ct_slices": ct_slices,
         "series": [asdict(s) for s in SERIES],
         "pydicom": PYDICOM_PICKS,
+        "deflated": DEFLATED_PICKS,
         "charset_skipped": CHARSET_SKIPPED,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -439,7 +449,7 @@ def _entry(root: Path, rel: str, label: str, origin: str, data: bytes) -> Archiv
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     return ArchiveFile(
         path=rel,
         label=label,
@@ -450,7 +460,7 @@ def _entry(root: Path, rel: str, label: str, origin: str, data: bytes) -> Archiv
         series_uid=str(ds.SeriesInstanceUID),
         sop_uid=str(ds.SOPInstanceUID),
         sop_class_uid=str(ds.get("SOPClassUID", "")),
-        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        transfer_syntax=_transfer_syntax(ds),
         number_of_frames=int(ds.get("NumberOfFrames", 1) or 1),
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
@@ -585,7 +595,8 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def sample_source(label: str) -> Path:
-    """The pydicom file a sample's label names, e.g. ``"pydicom/CT_small.dcm"``."""
+    """The pydicom file a sample's label names, e.g. ``"pydicom/CT_small.dcm"``, or
+    ``"deflated/rtplan.dcm"`` (the file it was made from)."""
     kind, name = label.split("/", 1)
     if kind == "charset":
         return Path(get_charset_files(name)[0])
@@ -610,6 +621,7 @@ def _sample_labels() -> list[str]:
             labels += [f"pydicom/{m.relative_to(PYDICOM_TEST_FILES).as_posix()}" for m in matches]
         else:
             labels.append(f"pydicom/{pick}")
+    labels += [f"deflated/{pick}" for pick in DEFLATED_PICKS]
     for found in sorted(get_charset_files("*.dcm"), key=lambda p: Path(p).name):
         name = Path(found).name
         if name not in CHARSET_SKIPPED:
@@ -622,7 +634,10 @@ def _write_samples(root: Path) -> list[ArchiveFile]:
     seen: set[str] = set()
     for label in _sample_labels():
         raw = sample_source(label).read_bytes()
-        data, origin = _storable(label, raw, seen)
+        if label.startswith("deflated/"):
+            data, origin = _deflated(label, raw), "deflated"
+        else:
+            data, origin = _storable(label, raw, seen)
         rel = label if Path(label).suffix == ".dcm" else label + ".dcm"
         entry = _entry(root, rel, label, origin, data)
         seen.add(entry.sop_uid)
@@ -633,13 +648,8 @@ def _write_samples(root: Path) -> list[ArchiveFile]:
 def _storable(label: str, raw: bytes, seen_sops: set[str]) -> tuple[bytes, str]:
     """The bytes to store for a sample file and how they differ from the original."""
     ds = pydicom.dcmread(io.BytesIO(raw), force=True)
-    has_meta = "TransferSyntaxUID" in ds.file_meta
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID") if k not in ds]
     clash = str(ds.SOPInstanceUID) in seen_sops
-    if not has_meta:
-        if missing or clash:
-            raise AssertionError(f"{label}: cannot both add a header and change UIDs")
-        return _with_meta(ds, raw), "meta-added"
     if not missing and not clash:
         return raw, "copied"
 
@@ -648,14 +658,15 @@ def _storable(label: str, raw: bytes, seen_sops: set[str]) -> tuple[bytes, str]:
     if buf.getvalue() != raw:
         raise AssertionError(f"{label}: pydicom does not round-trip it, refusing to rewrite")
     if clash:
-        new_uid = demo_uid(f"sample/{label}")
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_uid
+        ds.SOPInstanceUID = demo_uid(f"sample/{label}")
+        if ds.file_meta:  # a raw dataset stays without file meta
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         origin = "uid-rewritten"
     else:
         origin = "uids-added"
     for keyword in missing:
         setattr(ds, keyword, demo_uid(f"sample/{label}/{keyword}"))
-    if "PatientID" not in ds:
+    if missing and "PatientID" not in ds:  # a new study: not under an anonymous patient
         ds.PatientID = "DFS-SAMPLES"
         ds.PatientName = "Samples^Pydicom"
     buf = io.BytesIO()
@@ -672,16 +683,30 @@ def _check_same_pixels(label: str, before: bytes, after: bytes) -> None:
         raise AssertionError(f"{label}: pixel data changed while rewriting UIDs")
 
 
-def _with_meta(ds: Dataset, raw: bytes) -> bytes:
-    """Prepend a preamble and a Part 10 header to a bare dataset, keeping its bytes as they are."""
+def _deflated(label: str, raw: bytes) -> bytes:
+    """A sample stored again in Deflated Explicit VR Little Endian, as a new instance, with
+    every sequence and item of undefined length (the delimiters are in the deflate stream)."""
+    ds = pydicom.dcmread(io.BytesIO(raw))
+
+    def undefined(_: Dataset, elem: DataElement) -> None:
+        if elem.VR == "SQ":
+            elem.is_undefined_length = True
+            for item in elem.value:
+                item.is_undefined_length_sequence_item = True
+
+    ds.walk(undefined)
+    ds.SOPInstanceUID = demo_uid(f"sample/{label}")
+    ds.file_meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, DeflatedExplicitVRLittleEndian)
+    return _encode(ds)
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    """The transfer syntax of a file: from its file meta, else from how pydicom read it."""
+    if "TransferSyntaxUID" in ds.file_meta:
+        return str(ds.file_meta.TransferSyntaxUID)
     implicit, little = ds.original_encoding
-    syntax = {
+    return {
         (True, True): ImplicitVRLittleEndian,
         (False, True): ExplicitVRLittleEndian,
         (False, False): ExplicitVRBigEndian,
     }[(bool(implicit), bool(little))]
-    meta = _file_meta(ds.SOPClassUID, ds.SOPInstanceUID, syntax)
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_file_meta_info(fp, meta, enforce_standard=True)
-    return b"\0" * 128 + b"DICM" + fp.getvalue() + raw
