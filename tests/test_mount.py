@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import check_listings_equal_qido
 
 from dicomfs.demo import Archive, LocalOrthanc
 from dicomfs.demo.mounts import is_mounted
@@ -23,27 +24,12 @@ from dicomfs.demo.mounts import is_mounted
 INSTANCE_REQUEST = "/instances/"  # a WADO-RS instance path, as opposed to a QIDO search
 
 
-def qido(orthanc: LocalOrthanc, path: str, key: str) -> set[str]:
-    """The UIDs a QIDO-RS search answers: the server's truth a listing must match."""
-    answer = httpx.get(f"{orthanc.dicomweb_url}{path}", params={"limit": "100000"})
-    answer.raise_for_status()
-    return {item[key]["Value"][0] for item in answer.json()} if answer.content else set()
-
-
 def series_dir(root: Path, archive: Archive, label: str) -> Path:
     return root / "studies" / archive.study_uid(label) / archive.series_uid(label)
 
 
 def test_listings_equal_qido(mnt, orthanc: LocalOrthanc) -> None:
-    studies = qido(orthanc, "/studies", "0020000D")
-    assert set(os.listdir(mnt.path / "studies")) == studies
-    for study in studies:
-        series = qido(orthanc, f"/studies/{study}/series", "0020000E")
-        assert set(os.listdir(mnt.path / "studies" / study)) == series | {"metadata.json"}
-        for one in series:
-            instances = qido(orthanc, f"/studies/{study}/series/{one}/instances", "00080018")
-            names = set(os.listdir(mnt.path / "studies" / study / one))
-            assert names == {f"{uid}.dcm" for uid in instances} | {"metadata.json"}
+    check_listings_equal_qido(mnt.path, orthanc.dicomweb_url, metadata=True)
     assert sorted(os.listdir(mnt.path)) == ["dates", "patients", "query", "rendered", "studies"]
 
 

@@ -47,7 +47,7 @@ DEFAULT_BINARY = "/usr/sbin/Orthanc"
 DEFAULT_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 DICOMWEB_ROOT = "/dicom-web"
 
-_REQUEST_LINE = re.compile(r"\] \(http\) ([A-Z]+) (/\S*)\s*$")
+REQUEST_LINE = re.compile(r"\] \(http\) ([A-Z]+) (/\S*)\s*$")
 
 
 class OrthancError(RuntimeError):
@@ -80,7 +80,51 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class LocalOrthanc:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; always waits, so files and ports are free."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class RequestLog:
+    """Which requests a server served since some point, read from its log at ``log_path``:
+    lines that ``request_line`` matches, with the method and the path as groups 1 and 2."""
+
+    log_path: Path
+    request_line: re.Pattern[str]
+
+    def mark(self) -> int:
+        """A point in the request log; pass it to :meth:`requests_since`."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def requests_since(self, mark: int, *, prefix: str = "") -> list[str]:
+        """``"METHOD /path"`` of every request the server logged after ``mark``, oldest first.
+
+        ``prefix`` keeps only paths starting with it (e.g. ``"/dicom-web/"``). No query
+        strings; see the module docstring for what is not logged.
+        """
+        with open(self.log_path, "rb") as fh:
+            fh.seek(mark)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+        out = []
+        for line in complete.splitlines():
+            match = self.request_line.search(line)
+            if match and match.group(2).startswith(prefix):
+                out.append(f"{match.group(1)} {match.group(2)}")
+        return out
+
+
+class LocalOrthanc(RequestLog):
     """Orthanc + DICOMweb on ``127.0.0.1:<free port>`` with storage in ``storage_dir``.
 
     ``users`` turns HTTP basic authentication on (``RegisteredUsers``); this object's own
@@ -104,6 +148,7 @@ class LocalOrthanc:
     ) -> None:
         self.storage_dir = Path(storage_dir).absolute()
         self.log_path = Path(log_path).absolute() if log_path else self.storage_dir / "orthanc.log"
+        self.request_line = REQUEST_LINE
         self.config_path = self.storage_dir / "orthanc.json"
         self.users = dict(users or {})
         self.port = port or 0
@@ -259,14 +304,8 @@ class LocalOrthanc:
             self._client.close()
             self._client = None
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout)
 
     def _log_tail(self, lines: int = 40) -> str:
         try:
@@ -274,32 +313,6 @@ class LocalOrthanc:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
-
-    # ------------------------------------------------------------------ request log
-
-    def mark(self) -> int:
-        """A point in the request log; pass it to :meth:`requests_since`."""
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def requests_since(self, mark: int, *, prefix: str = "") -> list[str]:
-        """``"METHOD /path"`` of every request Orthanc began after ``mark``, oldest first.
-
-        ``prefix`` keeps only paths starting with it (e.g. ``"/dicom-web/"``). No query
-        strings; see the module docstring for what is not logged.
-        """
-        with open(self.log_path, "rb") as fh:
-            fh.seek(mark)
-            chunk = fh.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1].decode("utf-8", errors="replace")
-        out = []
-        for line in complete.splitlines():
-            match = _REQUEST_LINE.search(line)
-            if match and match.group(2).startswith(prefix):
-                out.append(f"{match.group(1)} {match.group(2)}")
-        return out
 
     # ------------------------------------------------------------------ content
 
