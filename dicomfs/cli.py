@@ -391,6 +391,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 def run_prefetch(args: argparse.Namespace) -> int:
     import trio
 
+    from dicomfs import capabilities
     from dicomfs.archive import Archive
     from dicomfs.client import DicomwebClient
     from dicomfs.errors import DicomfsError
@@ -407,8 +408,12 @@ def run_prefetch(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with DicomwebClient(config) as client:
+            offers = await capabilities.learn(client, store)
+            if not offers.metadata:
+                print("dicomfs: the server offers no WADO-RS metadata: fetching the instances "
+                      "only", file=sys.stderr)
             archive = Archive(client, store, retries=args.retries, deadline=args.deadline)
-            return await prefetch(archive, args.study, args.series)
+            return await prefetch(archive, args.study, args.series, metadata=offers.metadata)
 
     try:
         failed = trio.run(run)
