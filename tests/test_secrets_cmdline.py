@@ -101,7 +101,7 @@ def test_no_process_shows_the_secret(case: str, tiny_pacs_factory: TinyPacsFacto
             assert "--secrets-fd" in daemons[0][1]  # it came through the pipe
         holders = [(pid, what) for pid, what, data in readable_process_texts()
                    if secret.encode() in data]
-        assert holders == [], [(pid, what, open(f"/proc/{pid}/cmdline", "rb").read())
+        assert holders == [], [(pid, what, Path(f"/proc/{pid}/cmdline").read_bytes())
                                for pid, what in holders]
         if case.endswith("(abbreviated)"):
             assert started.returncode == 2, started.stderr
