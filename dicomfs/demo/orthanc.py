@@ -92,12 +92,43 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         proc.wait()
 
 
-class RequestLog:
-    """Which requests a server served since some point, read from its log at ``log_path``:
-    lines that ``request_line`` matches, with the method and the path as groups 1 and 2."""
+class LocalServer:
+    """What the private test servers share: a process, an HTTP client, and a log that tells
+    which requests it served since some point: lines of ``log_path`` that ``request_line``
+    matches, with the method and the path as groups 1 and 2."""
 
     log_path: Path
     request_line: re.Pattern[str]
+    _proc: subprocess.Popen[bytes] | None = None
+    _client: httpx.Client | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; always waits, so storage and ports are
+        free when it returns."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_process(proc, timeout)
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
 
     def mark(self) -> int:
         """A point in the request log; pass it to :meth:`requests_since`."""
@@ -124,7 +155,7 @@ class RequestLog:
         return out
 
 
-class LocalOrthanc(RequestLog):
+class LocalOrthanc(LocalServer):
     """Orthanc + DICOMweb on ``127.0.0.1:<free port>`` with storage in ``storage_dir``.
 
     ``users`` turns HTTP basic authentication on (``RegisteredUsers``); this object's own
@@ -179,14 +210,6 @@ class LocalOrthanc(RequestLog):
         return next(iter(self.users.items()), None)
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
     def client(self) -> httpx.Client:
         """An HTTP client on the REST root (authenticated when users are configured)."""
         if self._client is None:
@@ -200,9 +223,6 @@ class LocalOrthanc(RequestLog):
     def __enter__(self) -> LocalOrthanc:
         self.start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def config(self) -> dict[str, Any]:
         """The configuration this instance runs with (see the class docstring)."""
@@ -297,22 +317,6 @@ class LocalOrthanc(RequestLog):
             f"Orthanc did not answer on {self.url} within {self._startup_timeout:.0f} s; "
             f"log {self.log_path}:\n{self._log_tail()}"
         )
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; always waits so the storage is unlocked."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process(proc, timeout)
-
-    def _log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
 
     # ------------------------------------------------------------------ content
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from dicomfs.demo.orthanc import RequestLog, free_port, stop_process
+from dicomfs.demo.orthanc import LocalServer, free_port
 
 DICOMWEB_ROOT = "/dicom-web"
 # What the shared HTTP server logs once it listens (host and port it really bound).
@@ -51,7 +51,7 @@ def find_tiny_pacs() -> str | None:
     return str(candidate) if os.access(candidate, os.X_OK) else None
 
 
-class LocalTinyPacs(RequestLog):
+class LocalTinyPacs(LocalServer):
     """tiny-pacs + DICOMweb on ``127.0.0.1:<port>``, its files in ``storage_dir``.
 
     ``tokens`` switches on its bearer-token authentication (``auth: token``); this object's
@@ -77,10 +77,6 @@ class LocalTinyPacs(RequestLog):
         return f"http://127.0.0.1:{self.port}{DICOMWEB_ROOT}"
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
     def client(self) -> httpx.Client:
         """An HTTP client on the DICOMweb root (with the first token, if any)."""
         if self._client is None:
@@ -91,9 +87,6 @@ class LocalTinyPacs(RequestLog):
 
     def __enter__(self) -> LocalTinyPacs:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def config(self, dimse_port: int) -> dict[str, Any]:
         web: dict[str, Any] = {"on": True, "prefix": DICOMWEB_ROOT}
@@ -125,7 +118,7 @@ class LocalTinyPacs(RequestLog):
                 return self
             except TinyPacsError:
                 self.stop()
-                if attempt == 2 or _DIMSE_IN_USE not in self._log():
+                if attempt == 2 or _DIMSE_IN_USE not in self._log_tail():
                     raise
         raise AssertionError("unreachable")
 
@@ -142,8 +135,8 @@ class LocalTinyPacs(RequestLog):
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise TinyPacsError(f"tiny-pacs exited with status {self._proc.returncode} "
-                                    f"while starting; log {self.log_path}:\n{self._log()}")
-            listening = _LISTENING.search(self._log())
+                                    f"while starting; log {self.log_path}:\n{self._log_tail()}")
+            listening = _LISTENING.search(self._log_tail())
             if listening:
                 self.port = int(listening.group(1))
                 if self.client.get("/studies", params={"limit": "1"}).status_code in (200, 204,
@@ -151,22 +144,7 @@ class LocalTinyPacs(RequestLog):
                     return
             time.sleep(0.05)
         raise TinyPacsError(f"tiny-pacs did not answer within {self._startup_timeout:.0f} s; "
-                            f"log {self.log_path}:\n{self._log()}")
-
-    def stop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process(proc)
-
-    def _log(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+                            f"log {self.log_path}:\n{self._log_tail()}")
 
     # ------------------------------------------------------------------ content
 
