@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import json
 import mmap
 import os
 import shutil
@@ -18,8 +19,10 @@ import httpx
 import pytest
 from conftest import check_listings_equal_qido
 
+from dicomfs import capabilities
 from dicomfs.demo import Archive, LocalOrthanc
 from dicomfs.demo.mounts import is_mounted
+from dicomfs.store import server_folder_name
 
 INSTANCE_REQUEST = "/instances/"  # a WADO-RS instance path, as opposed to a QIDO search
 
@@ -31,6 +34,9 @@ def series_dir(root: Path, archive: Archive, label: str) -> Path:
 def test_listings_equal_qido(mnt, orthanc: LocalOrthanc) -> None:
     check_listings_equal_qido(mnt.path, orthanc.dicomweb_url, metadata=True)
     assert sorted(os.listdir(mnt.path)) == ["dates", "patients", "query", "rendered", "studies"]
+    # Orthanc offers both optional resources, and the mount learned so.
+    note = mnt.cache_dir / server_folder_name(orthanc.dicomweb_url) / capabilities.FILE_NAME
+    assert json.loads(note.read_text()) == {"metadata": True, "rendered": True}
 
 
 def test_every_instance_is_byte_identical(mnt, archive: Archive, orthanc: LocalOrthanc) -> None:
