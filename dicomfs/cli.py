@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dicomfs import __version__
 from dicomfs.auth import (
@@ -89,8 +90,21 @@ def uid_argument(text: str) -> str:
     return text
 
 
+class Parser(argparse.ArgumentParser):
+    """A parser that takes options only as spelled in full, it and its subcommands alike.
+
+    argparse would take ``--bearer`` for ``--bearer-token``; only exact spellings are known
+    to be secrets (SECRET_OPTIONS), so an abbreviation would put a token on the command line
+    of the background process, for every user to read in ``ps``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dicomfs", description="Mount a DICOMweb server as a read-only folder.")
     parser.add_argument("--version", action="version", version=f"dicomfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -391,6 +405,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 def run_prefetch(args: argparse.Namespace) -> int:
     import trio
 
+    from dicomfs import capabilities
     from dicomfs.archive import Archive
     from dicomfs.client import DicomwebClient
     from dicomfs.errors import DicomfsError
@@ -407,10 +422,14 @@ def run_prefetch(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with DicomwebClient(config) as client, trio.open_nursery() as nursery:
+            offers = await capabilities.learn(client, store)
+            if not offers.metadata:
+                print("dicomfs: the server offers no WADO-RS metadata: fetching the instances "
+                      "only", file=sys.stderr)
             archive = Archive(client, store, retries=args.retries, deadline=args.deadline,
                               readahead=False)
             await nursery.start(archive.run)
-            failed = await prefetch(archive, args.study, args.series)
+            failed = await prefetch(archive, args.study, args.series, metadata=offers.metadata)
             nursery.cancel_scope.cancel()
             return failed
 

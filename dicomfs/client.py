@@ -353,6 +353,11 @@ class DicomwebClient:
         return await self._metadata(
             f"/studies/{check_uid(study)}/series/{check_uid(series)}/metadata")
 
+    async def instance_metadata(self, study: str, series: str, instance: str) -> bytes:
+        """WADO-RS metadata of one instance (what :mod:`dicomfs.capabilities` probes with)."""
+        return await self._metadata(f"/studies/{check_uid(study)}/series/{check_uid(series)}"
+                                    f"/instances/{check_uid(instance)}/metadata")
+
     async def _metadata(self, path: str) -> bytes:
         body, _ = await self._get_bytes(self._wado + path, accept="application/dicom+json")
         return body
@@ -428,6 +433,22 @@ class DicomwebClient:
         if got != media_type:
             raise ProtocolError(f"asked for {media_type}, got {got}", url=self._wado + path)
         return body
+
+    async def sample_instance(self) -> tuple[str, str, str] | None:
+        """(study, series, instance) UIDs of some instance, from three one-entry QIDO pages;
+        None when the server holds nothing."""
+        path = ""
+        found: list[str] = []
+        for level, key in (("/studies", dicomjson.STUDY_UID), ("/series", dicomjson.SERIES_UID),
+                           ("/instances", dicomjson.SOP_UID)):
+            path += level
+            page, _ = await self._page(path, [], 1, 0)
+            uid = next((uid for ds in page if (uid := dicomjson.uid(ds, key))), None)
+            if uid is None:
+                return None
+            found.append(uid)
+            path += f"/{uid}"
+        return found[0], found[1], found[2]
 
     async def probe(self) -> None:
         """One cheap QIDO request, to fail fast on a wrong URL or wrong credentials."""

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
+from dicomfs import capabilities
 from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import DicomfsError, Unauthorized
@@ -79,13 +80,14 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
     store = open_store(options)
     async with DicomwebClient(options.client) as client:
         await _check_server(client, store)
+        offers = await capabilities.learn(client, store)
         archive = Archive(client, store, listing_ttl=options.listing_ttl,
                           retries=options.client.retries, deadline=options.deadline)
         fuse_options = {*pyfuse3.default_options, "ro", "default_permissions",
                         f"fsname={fsname(options.client.base_url)}", "subtype=dicomfs",
                         *options.fuse_options}
         try:
-            tree = Tree(archive, scope=options.scope)
+            tree = Tree(archive, scope=options.scope, offers=offers)
         except ValueError as exc:
             raise MountError(f"bad --query: {exc}") from None
         operations = DicomFS(tree, uid=options.uid, gid=options.gid)

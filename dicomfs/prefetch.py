@@ -16,11 +16,13 @@ from dicomfs.progress import Progress
 log = logging.getLogger(__name__)
 
 
-async def prefetch(archive: Archive, study: str, series: str | None = None) -> int:
+async def prefetch(archive: Archive, study: str, series: str | None = None, *,
+                   metadata: bool = True) -> int:
     """Fill the cache with a study (or one series) ahead of time; returns failures.
 
     Resumable: what is cached already is skipped, so a second run after an
-    interruption fetches only the rest. Metadata comes along, for offline use.
+    interruption fetches only the rest. Metadata comes along, for offline use,
+    when the server offers it (``metadata``).
     """
     if await archive.find_study(study) is None:
         raise NotFound(f"no study {study} on the server")
@@ -42,7 +44,9 @@ async def prefetch(archive: Archive, study: str, series: str | None = None) -> i
     failed: list[str] = []
     for one in all_series:
         failed += await archive.fill(study, one, on_stored=progress.add)
-        (await archive.metadata(study, one)).close()
-    (await archive.metadata(study)).close()
+        if metadata:
+            (await archive.metadata(study, one)).close()
+    if metadata:
+        (await archive.metadata(study)).close()
     progress.finish()
     return len(failed)

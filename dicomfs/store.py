@@ -306,6 +306,23 @@ class Store:
     def _listing_path(self, name: str) -> Path:
         return self._listings / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".json")
 
+    # -- notes --------------------------------------------------------------------
+
+    def save_note(self, name: str, data: bytes) -> None:
+        """A small private file of this server's folder (what it offers, ...), atomically."""
+        self._write_atomic(self._note_path(name), data)
+
+    def load_note(self, name: str) -> bytes | None:
+        try:
+            return self._note_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _note_path(self, name: str) -> Path:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*\.json", name):
+            raise ValueError(f"not a note name: {name!r}")
+        return self.folder / name
+
     # -- accounting ---------------------------------------------------------------
 
     def _touch(self, rel: str, path: Path, info: os.stat_result) -> None:

@@ -36,6 +36,7 @@ import cachetools
 
 from dicomfs import dicomjson, names
 from dicomfs.archive import Archive
+from dicomfs.capabilities import Capabilities
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import BadRequest
 from dicomfs.store import Blob, Key
@@ -147,8 +148,12 @@ class _Index:
 class Tree:
     """Paths and nodes over an :class:`Archive`."""
 
-    def __init__(self, archive: Archive, *, scope: Mapping[str, str] | None = None) -> None:
+    def __init__(self, archive: Archive, *, scope: Mapping[str, str] | None = None,
+                 offers: Capabilities | None = None) -> None:
         self.archive = archive
+        # What the server offers besides instances: nothing is listed that cannot open.
+        self.offers = offers or Capabilities()
+        self._tops = [name for name in TOP if name != "rendered" or self.offers.rendered]
         self.scope = dict(names.check_query(scope.items())) if scope else {}
         self.mount_time = time.time()
         self._nodes: dict[int, Node] = {}
@@ -221,12 +226,12 @@ class Tree:
         parent = self.node(parent_inode)
         child: Node | None = None
         if parent.kind is Kind.ROOT:
-            child = self._top(name) if name in TOP else None
+            child = self._top(name) if name in self._tops else None
         elif parent.kind is Kind.QUERIES:
             child = self._help_node() if name == QUERY_README else \
                 await self._lookup_query(name)
         elif name == METADATA and parent.kind in (Kind.STUDY, Kind.SERIES):
-            child = self._metadata_node(parent)
+            child = next(iter(self._metadata_nodes(parent)), None)
         elif parent.readable:
             # A name given out before resolves without its listing, even an expired one:
             # walking a path must not wait for a 10,000-study QIDO walk.
@@ -296,7 +301,7 @@ class Tree:
         parent = self.node(inode)
         kind = parent.kind
         if kind is Kind.ROOT:
-            return [self._top(name) for name in TOP]
+            return [self._top(name) for name in self._tops]
         if kind is Kind.QUERIES:
             return [self._help_node()]
         if parent.readable:
@@ -311,11 +316,11 @@ class Tree:
             found = await self.archive.series(parent.study or "")
             nodes = [self._series_node(UID_CHILD[kind], parent, ds)
                      for ds in _sorted_by_uid(found, dicomjson.SERIES_UID)]
-            return [self._metadata_node(parent), *nodes] if kind is Kind.STUDY else nodes
+            return [*self._metadata_nodes(parent), *nodes] if kind is Kind.STUDY else nodes
         if kind in (Kind.SERIES, Kind.RENDERED_SERIES):
             found = await self.archive.instances(parent.study or "", parent.series or "")
             files = self._instance_nodes(parent, found)
-            return [self._metadata_node(parent), *files] if kind is Kind.SERIES else files
+            return [*self._metadata_nodes(parent), *files] if kind is Kind.SERIES else files
         raise NotADirectoryError(parent.name)
 
     # -- study listings ---------------------------------------------------------------------
@@ -380,7 +385,7 @@ class Tree:
                                    for ds in found)
         unique = names.unique({_uid(ds, dicomjson.SERIES_UID): (names.series_folder(ds, width), "")
                                for ds in found}, reserved={METADATA})
-        children = {METADATA: self._metadata_node(parent)}
+        children = {node.name: node for node in self._metadata_nodes(parent)}
         for ds in found:
             name = unique[_uid(ds, dicomjson.SERIES_UID)]
             children[name] = self._series_node(Kind.SERIES, parent, ds, name=name)
@@ -392,7 +397,7 @@ class Tree:
         unique = names.unique({_uid(ds, dicomjson.SOP_UID): (names.instance_stem(ds, width),
                                                               ".dcm") for ds in found},
                               reserved={METADATA})
-        children = {METADATA: self._metadata_node(parent)}
+        children = {node.name: node for node in self._metadata_nodes(parent)}
         children.update((unique[node.instance or ""], node)
                         for node in self._instance_nodes(parent, found))
         return children
@@ -443,6 +448,10 @@ class Tree:
         mtime = dicomjson.timestamp(ds, dicomjson.SERIES_DATE, dicomjson.SERIES_TIME)
         return self._add(kind, (parent.inode, uid), name or uid, study=parent.study,
                          series=uid, readable=parent.readable, mtime=mtime or parent.mtime)
+
+    def _metadata_nodes(self, parent: Node) -> list[Node]:
+        """The folder's metadata.json, when the server offers metadata."""
+        return [self._metadata_node(parent)] if self.offers.metadata else []
 
     def _metadata_node(self, parent: Node) -> Node:
         node = self._add(Kind.METADATA, (parent.study, parent.series), METADATA,

@@ -7,6 +7,10 @@ Fixtures:
 * ``orthanc`` (session): a :class:`~dicomfs.demo.LocalOrthanc` with temporary storage, loaded
   with the archive. Fails (never skips) when Orthanc is missing.
 * ``orthanc_factory`` (function): more Orthancs, e.g. with ``users=`` for authentication tests.
+* ``tiny_pacs`` (session): a second, independent server (:class:`~dicomfs.demo.tinypacs.
+  LocalTinyPacs`) loaded over STOW-RS with :func:`tiny_pacs_files` of the archive; fails (never
+  skips) when tiny-pacs is missing. ``tiny_pacs_factory`` (function) starts more, e.g. with
+  ``tokens=`` for bearer-token authentication.
 * ``mount_factory`` (function): ``mount_factory(url=None, *, cache_dir=None, args=())`` runs
   ``python -m dicomfs mount URL MOUNTPOINT --foreground --cache-dir ... --log-level debug``
   and returns a :class:`Mount` once the mount answers; every mount is torn down afterwards,
@@ -30,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import pytest
 
-from dicomfs.demo import Archive, LocalOrthanc, OrthancError, build_archive
+from dicomfs.demo import Archive, ArchiveFile, LocalOrthanc, OrthancError, build_archive
 from dicomfs.demo.mounts import force_unmount, is_mounted, run_quietly
 from dicomfs.demo.orthanc import find_orthanc
+from dicomfs.demo.tinypacs import LocalTinyPacs, TinyPacsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTDATA_DIR = Path(os.environ.get("DICOMFS_TESTDATA") or REPO_ROOT / ".cache" / "testdata")
@@ -115,6 +121,61 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
         servers.append(server)
         if load is not None:
             server.load_archive(load)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- tiny-pacs
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def tiny_pacs_files(archive: Archive) -> list[ArchiveFile]:
+    """What the tiny-pacs fixtures load: every study of the archive (the MR series to page
+    through, the non-ASCII names, every transfer syntax it stores) but the 200 MB CT series,
+    which pages no better and would slow the suite, and deflated objects, which tiny-pacs
+    refuses over STOW-RS (409)."""
+    return [f for f in archive.files if f.label != "ct" and f.transfer_syntax != DEFLATED]
+
+
+def _start_tiny_pacs(storage: Path, tokens: Sequence[str] = ()) -> LocalTinyPacs:
+    server = LocalTinyPacs(storage, tokens=tokens)
+    try:
+        return server.start()
+    except TinyPacsError as exc:
+        pytest.fail(f"tiny-pacs did not start: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pacs(archive: Archive, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[LocalTinyPacs]:
+    """A private tiny-pacs holding :func:`tiny_pacs_files`, for the whole session."""
+    server = _start_tiny_pacs(tmp_path_factory.mktemp("tiny-pacs"))
+    try:
+        server.upload(archive.path(f) for f in tiny_pacs_files(archive))
+        yield server
+    finally:
+        server.stop()
+
+
+class TinyPacsFactory(Protocol):
+    def __call__(self, *, tokens: Sequence[str] = (),
+                 load: Sequence[ArchiveFile] = ()) -> LocalTinyPacs: ...
+
+
+@pytest.fixture
+def tiny_pacs_factory(archive: Archive, tmp_path: Path) -> Iterator[TinyPacsFactory]:
+    """Start extra tiny-pacs servers holding ``load``; all stopped after the test."""
+    servers: list[LocalTinyPacs] = []
+
+    def factory(*, tokens: Sequence[str] = (),
+                load: Sequence[ArchiveFile] = ()) -> LocalTinyPacs:
+        server = _start_tiny_pacs(tmp_path / f"tiny-pacs{len(servers)}", tokens)
+        servers.append(server)
+        server.upload(archive.path(f) for f in load)
         return server
 
     yield factory
@@ -287,6 +348,36 @@ def _wait_for_mount(mount: Mount, timeout: float) -> None:
 def mnt(mount_factory: MountFactory) -> Mount:
     """The session Orthanc mounted with default options."""
     return mount_factory()
+
+
+# --------------------------------------------------------------------------- server truth
+
+
+def qido_uids(client: httpx.Client | str, path: str, key: str) -> set[str]:
+    """The UIDs a QIDO-RS search answers (``client`` on the DICOMweb root, or its URL): the
+    server's truth a listing must match. 204 and ``[]`` both mean none."""
+    answer = (httpx.get(client + path, params={"limit": "100000"}) if isinstance(client, str)
+              else client.get(path, params={"limit": "100000"}))
+    answer.raise_for_status()
+    return {item[key]["Value"][0] for item in answer.json()} if answer.content else set()
+
+
+def check_listings_equal_qido(root: Path, client: httpx.Client | str, *,
+                              metadata: bool) -> None:
+    """Every folder of ``root/studies`` lists what QIDO answers, and ``metadata.json`` in
+    each study and series folder exactly when ``metadata`` (the server offers it)."""
+    extra = {"metadata.json"} if metadata else set()
+    studies = qido_uids(client, "/studies", "0020000D")
+    assert studies
+    assert set(os.listdir(root / "studies")) == studies
+    for study in studies:
+        series = qido_uids(client, f"/studies/{study}/series", "0020000E")
+        assert set(os.listdir(root / "studies" / study)) == series | extra
+        for one in series:
+            instances = qido_uids(client, f"/studies/{study}/series/{one}/instances",
+                                  "00080018")
+            names = set(os.listdir(root / "studies" / study / one))
+            assert names == {f"{uid}.dcm" for uid in instances} | extra
 
 
 # --------------------------------------------------------------------------- failure reports

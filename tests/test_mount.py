@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import json
 import mmap
 import os
 import shutil
@@ -16,18 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import check_listings_equal_qido
 
+from dicomfs import capabilities
 from dicomfs.demo import Archive, LocalOrthanc
 from dicomfs.demo.mounts import is_mounted
+from dicomfs.store import server_folder_name
 
 INSTANCE_REQUEST = "/instances/"  # a WADO-RS instance path, as opposed to a QIDO search
-
-
-def qido(orthanc: LocalOrthanc, path: str, key: str) -> set[str]:
-    """The UIDs a QIDO-RS search answers: the server's truth a listing must match."""
-    answer = httpx.get(f"{orthanc.dicomweb_url}{path}", params={"limit": "100000"})
-    answer.raise_for_status()
-    return {item[key]["Value"][0] for item in answer.json()} if answer.content else set()
 
 
 def series_dir(root: Path, archive: Archive, label: str) -> Path:
@@ -35,16 +32,11 @@ def series_dir(root: Path, archive: Archive, label: str) -> Path:
 
 
 def test_listings_equal_qido(mnt, orthanc: LocalOrthanc) -> None:
-    studies = qido(orthanc, "/studies", "0020000D")
-    assert set(os.listdir(mnt.path / "studies")) == studies
-    for study in studies:
-        series = qido(orthanc, f"/studies/{study}/series", "0020000E")
-        assert set(os.listdir(mnt.path / "studies" / study)) == series | {"metadata.json"}
-        for one in series:
-            instances = qido(orthanc, f"/studies/{study}/series/{one}/instances", "00080018")
-            names = set(os.listdir(mnt.path / "studies" / study / one))
-            assert names == {f"{uid}.dcm" for uid in instances} | {"metadata.json"}
+    check_listings_equal_qido(mnt.path, orthanc.dicomweb_url, metadata=True)
     assert sorted(os.listdir(mnt.path)) == ["dates", "patients", "query", "rendered", "studies"]
+    # Orthanc offers both optional resources, and the mount learned so.
+    note = mnt.cache_dir / server_folder_name(orthanc.dicomweb_url) / capabilities.FILE_NAME
+    assert json.loads(note.read_text()) == {"metadata": True, "rendered": True}
 
 
 def test_every_instance_is_byte_identical(mnt, archive: Archive, orthanc: LocalOrthanc) -> None:

@@ -47,7 +47,7 @@ DEFAULT_BINARY = "/usr/sbin/Orthanc"
 DEFAULT_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 DICOMWEB_ROOT = "/dicom-web"
 
-_REQUEST_LINE = re.compile(r"\] \(http\) ([A-Z]+) (/\S*)\s*$")
+REQUEST_LINE = re.compile(r"\] \(http\) ([A-Z]+) (/\S*)\s*$")
 
 
 class OrthancError(RuntimeError):
@@ -80,7 +80,82 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class LocalOrthanc:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; always waits, so files and ports are free."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class LocalServer:
+    """What the private test servers share: a process, an HTTP client, and a log that tells
+    which requests it served since some point: lines of ``log_path`` that ``request_line``
+    matches, with the method and the path as groups 1 and 2."""
+
+    log_path: Path
+    request_line: re.Pattern[str]
+    _proc: subprocess.Popen[bytes] | None = None
+    _client: httpx.Client | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; always waits, so storage and ports are
+        free when it returns."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_process(proc, timeout)
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def mark(self) -> int:
+        """A point in the request log; pass it to :meth:`requests_since`."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def requests_since(self, mark: int, *, prefix: str = "") -> list[str]:
+        """``"METHOD /path"`` of every request the server logged after ``mark``, oldest first.
+
+        ``prefix`` keeps only paths starting with it (e.g. ``"/dicom-web/"``). No query
+        strings; see the module docstring for what is not logged.
+        """
+        with open(self.log_path, "rb") as fh:
+            fh.seek(mark)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+        out = []
+        for line in complete.splitlines():
+            match = self.request_line.search(line)
+            if match and match.group(2).startswith(prefix):
+                out.append(f"{match.group(1)} {match.group(2)}")
+        return out
+
+
+class LocalOrthanc(LocalServer):
     """Orthanc + DICOMweb on ``127.0.0.1:<free port>`` with storage in ``storage_dir``.
 
     ``users`` turns HTTP basic authentication on (``RegisteredUsers``); this object's own
@@ -104,6 +179,7 @@ class LocalOrthanc:
     ) -> None:
         self.storage_dir = Path(storage_dir).absolute()
         self.log_path = Path(log_path).absolute() if log_path else self.storage_dir / "orthanc.log"
+        self.request_line = REQUEST_LINE
         self.config_path = self.storage_dir / "orthanc.json"
         self.users = dict(users or {})
         self.port = port or 0
@@ -134,14 +210,6 @@ class LocalOrthanc:
         return next(iter(self.users.items()), None)
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
     def client(self) -> httpx.Client:
         """An HTTP client on the REST root (authenticated when users are configured)."""
         if self._client is None:
@@ -155,9 +223,6 @@ class LocalOrthanc:
     def __enter__(self) -> LocalOrthanc:
         self.start()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def config(self) -> dict[str, Any]:
         """The configuration this instance runs with (see the class docstring)."""
@@ -252,54 +317,6 @@ class LocalOrthanc:
             f"Orthanc did not answer on {self.url} within {self._startup_timeout:.0f} s; "
             f"log {self.log_path}:\n{self._log_tail()}"
         )
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``; always waits so the storage is unlocked."""
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def _log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    # ------------------------------------------------------------------ request log
-
-    def mark(self) -> int:
-        """A point in the request log; pass it to :meth:`requests_since`."""
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def requests_since(self, mark: int, *, prefix: str = "") -> list[str]:
-        """``"METHOD /path"`` of every request Orthanc began after ``mark``, oldest first.
-
-        ``prefix`` keeps only paths starting with it (e.g. ``"/dicom-web/"``). No query
-        strings; see the module docstring for what is not logged.
-        """
-        with open(self.log_path, "rb") as fh:
-            fh.seek(mark)
-            chunk = fh.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1].decode("utf-8", errors="replace")
-        out = []
-        for line in complete.splitlines():
-            match = _REQUEST_LINE.search(line)
-            if match and match.group(2).startswith(prefix):
-                out.append(f"{match.group(1)} {match.group(2)}")
-        return out
 
     # ------------------------------------------------------------------ content
 
