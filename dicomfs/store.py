@@ -178,8 +178,7 @@ class Store:
         store = cls(folder, **kwargs)
         marker = folder / "server.json"
         if not marker.exists():
-            with _cache_errors():
-                store._written(json.dumps({"url": url}).encode()).move_to(marker)
+            store._write_atomic(marker, json.dumps({"url": url}).encode())
         return store
 
     # -- start-up -----------------------------------------------------------------
@@ -272,6 +271,10 @@ class Store:
         """Store ``data`` as ``key`` (in one go: it is small, metadata or an image)."""
         self.commit(self._written(data), key)
 
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        with _cache_errors():
+            self._written(data).move_to(path)
+
     def _written(self, data: bytes) -> Writer:
         writer = self.writer()
         try:
@@ -285,8 +288,7 @@ class Store:
     # -- listings -----------------------------------------------------------------
 
     def save_listing(self, name: str, data: bytes) -> None:
-        with _cache_errors():
-            self._written(data).move_to(self._listing_path(name))
+        self._write_atomic(self._listing_path(name), data)
 
     def load_listing(self, name: str) -> tuple[bytes, float] | None:
         """A saved listing and its age in seconds, or None."""
