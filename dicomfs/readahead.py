@@ -48,6 +48,7 @@ class _Walk:
     orders: tuple[list[str], list[str]]  # listed (readdir), named (sorted by file name)
     positions: tuple[dict[str, int], dict[str, int]]
     last: str | None = None
+    order: int | None = None  # which of the orders the walk follows
     window: int = 0
     ahead: set[str] = field(default_factory=set)  # asked for and not yet passed
     asked: set[str] = field(default_factory=set)  # ever asked for by this walk
@@ -63,14 +64,17 @@ class _Walk:
     def follows(self, instance: str) -> int | None:
         """The order in which ``instance`` comes shortly after the previous open, if any.
 
-        A few steps are allowed, not just one: files the kernel still holds are
-        opened without asking us, so the walk may seem to skip them.
+        In the order the walk follows, a few steps are allowed, not just one: files
+        the kernel still holds are opened without asking us, so the walk may seem to
+        skip them. Switching to the other order takes the very next file: with
+        random UIDs, a few steps in the other order happen by chance.
         """
         if self.last is None:
             return None
-        for order, positions in enumerate(self.positions):
+        for order in sorted((0, 1), key=lambda candidate: candidate != self.order):
+            positions = self.positions[order]
             step = positions[instance] - positions[self.last]
-            if 1 <= step <= max(2, self.window + 1):
+            if step == 1 or (order == self.order and 1 <= step <= self.window + 1):
                 return order
         return None
 
@@ -108,9 +112,10 @@ class Readahead:
         if instance not in walk.positions[0]:
             return
         walk.size = self.store.size(key) or walk.size
-        order = walk.follows(instance)
+        order = walk.order = walk.follows(instance)
         walk.last = instance
         if order is None:  # a jump: whatever was ahead is not wanted now
+            log.debug("series %s: jump to %s", series, instance)
             self._withdraw(study, series, walk.ahead, walk)
             walk.ahead, walk.window = set(), 0
             return
@@ -119,6 +124,7 @@ class Readahead:
             walk.streamed = True  # near: one stream, half the CPU of parallel requests
             self.engine.stream(study, series, walk.orders[order])
         walk.window = min(max(INITIAL_WINDOW, walk.window * 2), self._room(walk.size))
+        log.debug("series %s: walk at %s, %d ahead", series, instance, walk.window)
         start = walk.positions[order][instance] + 1
         upcoming = walk.orders[order][start:start + walk.window]
         self._withdraw(study, series, walk.ahead - set(upcoming), walk)
@@ -138,6 +144,8 @@ class Readahead:
     def _room(self, size: int) -> int:
         """Files the window may hold: a share of what the cache can keep now, in files
         of ``size`` bytes (the series' files, once one is known)."""
+        if not size:  # nothing known of the files yet: stay small
+            return INITIAL_WINDOW
         budget = min(self.store.capacity() // CACHE_SHARE, MAX_AHEAD_BYTES)
-        files = budget // size if size else self.max_window
+        files = budget // size
         return max(1, min(self.max_window, files))

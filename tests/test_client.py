@@ -482,6 +482,7 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    request_queue_size = 64  # the default 5 drops SYNs of parallel clients (1 s retransmit)
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
