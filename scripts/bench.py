@@ -6,8 +6,11 @@ Everything runs against a private Orthanc on loopback, on the sample archive the
 mount for every run; nothing global is dropped (no drop_caches), so Orthanc's own files are
 in the page cache for every row alike. Every figure is the median of ``--runs`` runs.
 
-Writes a Markdown report (``--output``, default docs/performance.md) and a bar plot next to
-it (same name, .png). Run it through ``scripts/bench``, which installs what it needs.
+The network section (scripts/bench_network.py; ``--only network``, ``--skip-network``)
+reads the CT series over emulated links. Each section writes only what it measured into its
+own generated block of the Markdown report (``--output``, default docs/performance.md),
+keeping the hand-written explanations around it, and a plot next to it (.png, and
+-network.png). Run it through ``scripts/bench``, which installs what it needs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,9 @@ if str(REPO) not in sys.path:  # run from a checkout without installing: use its
 from dicomfs.demo.archive import Archive, ArchiveFile, build_archive  # noqa: E402
 from dicomfs.demo.mounts import force_unmount, is_mounted, mount_points  # noqa: E402
 from dicomfs.demo.orthanc import LocalOrthanc  # noqa: E402
+
+if __name__ == "__main__":  # scripts/bench_network.py imports this module: not a second copy
+    sys.modules.setdefault("bench", sys.modules[__name__])
 
 CACHE = REPO / ".cache"
 WORK = CACHE / "bench-work"
@@ -287,6 +293,18 @@ def build_parallel_series(dest: Path) -> list[SeriesRef]:
     return refs_of(content)
 
 
+def verify_into(measures: Sequence[Measure], folder: Path, ref: SeriesRef,
+                read: Collection[str] | None = None) -> None:
+    """:func:`check_folder`, a problem recorded against the run of ``measures`` just timed
+    (which is kept)."""
+    problem = check_folder(folder, ref, read)
+    if problem is None:
+        return
+    for m in measures:
+        m.wrong.append(f"run {len(m.values)}: {problem}")
+    say(f"WRONG RESULT ({', '.join(m.label for m in measures)}): {problem}")
+
+
 def first_difference(a: bytes, b: bytes) -> int:
     """Offset of the first byte where ``a`` and ``b`` differ (the shorter length if none)."""
     step = 4096
@@ -296,10 +314,12 @@ def first_difference(a: bytes, b: bytes) -> int:
     return min(len(a), len(b))
 
 
-def check_folder(folder: Path, ref: SeriesRef) -> str | None:
+def check_folder(folder: Path, ref: SeriesRef, read: Collection[str] | None = None
+                 ) -> str | None:
     """None when ``folder`` shows exactly the series' files with their bytes, else what not.
 
-    Untimed, after the timed read: every file is read again and hashed.
+    Untimed, after the timed read: every file (or every name in ``read``) is read again and
+    hashed.
     """
     try:
         found = {p.name: p.stat().st_size for p in folder.glob("*.dcm")}
@@ -311,11 +331,13 @@ def check_folder(folder: Path, ref: SeriesRef) -> str | None:
         problems.append(f"{len(missing)} of {len(ref.files)} files missing")
     if extra := set(found) - set(ref.files):
         problems.append(f"{len(extra)} unexpected files")
-    wrong_size = [n for n in found if n in ref.files and found[n] != ref.files[n].size]
+    checked = set(found) & set(ref.files) & set(ref.files if read is None else read)
+    # (a file not read yet may show an estimated size: only read files must be exact)
+    wrong_size = [n for n in checked if found[n] != ref.files[n].size]
     if wrong_size:
         problems.append(f"{len(wrong_size)} files with the wrong size")
     wrong: list[tuple[str, int]] = []
-    for name in sorted(set(found) & set(ref.files)):
+    for name in sorted(checked):
         try:
             data = (folder / name).read_bytes()
         except OSError as exc:
@@ -371,6 +393,23 @@ def run_parallel(cmds: Sequence[Sequence[str]], what: str) -> tuple[float, list[
             raise BenchError(f"{what}: exit {proc.returncode}: {shlex.join(cmd)}\n"
                              f"{err.strip()[-1500:]}")
     return elapsed, [out for out, _ in outputs]
+
+
+def dicomweb_client_seconds(url: str, ref: SeriesRef) -> float:
+    """Wall time of a process that reads the series with dicomweb-client's ``iter_series``
+    (interpreter start and imports included)."""
+    code = ("import sys\n"
+            "from dicomweb_client.api import DICOMwebClient\n"
+            "client = DICOMwebClient(sys.argv[1])\n"
+            "found = client.iter_series(sys.argv[2], sys.argv[3],\n"
+            "                           media_types=(('application/dicom', '*'),))\n"
+            "print(sum(1 for _ in found))\n")
+    seconds, out = run_timed([sys.executable, "-c", code, url, ref.study, ref.series],
+                             "dicomweb-client")
+    if out.strip() != str(len(ref.files)):
+        raise BenchError(f"dicomweb-client returned {out.strip()} instances, "
+                         f"expected {len(ref.files)}")
+    return seconds
 
 
 def cat_cmd(folder: Path, pattern: str = "*.dcm") -> list[str]:
@@ -607,13 +646,15 @@ class Bench:
         self.ct = series_ref(self.archive, self.archive.series_files(ct),
                              self.archive.study_uid("ct"), ct)
         self.ct_folder = self.archive.path(self.archive.series_files(ct)[0]).parent
-        self.parallel = self._build("parallel series", CACHE / "bench-parallel",
-                                    lambda: build_parallel_series(CACHE / "bench-parallel"))
         self.orthanc = self._start_orthanc(CACHE / "bench-orthanc")
         self._load(self.orthanc, "sample archive", self.archive)
+        self.probe_webdav_range()
+        if self.args.only == "network":
+            return
+        self.parallel = self._build("parallel series", CACHE / "bench-parallel",
+                                    lambda: build_parallel_series(CACHE / "bench-parallel"))
         self._load(self.orthanc, "parallel series",
                    [f.origin for r in self.parallel for f in r.files.values()])
-        self.probe_webdav_range()
         if not self.args.skip_1g:
             # The 1 GB archive reuses the sample archive's UIDs (same recipe, more slices):
             # it needs an Orthanc of its own, or the CT series would mix both.
@@ -679,13 +720,7 @@ class Bench:
     def verify(self, keys: Sequence[str], folder: Path, ref: SeriesRef) -> None:
         """Check (untimed) what a read showed; a wrong listing or wrong bytes are recorded
         against the run just timed, which is kept."""
-        problem = check_folder(folder, ref)
-        if problem is None:
-            return
-        for key in keys:
-            m = self.measures[key]
-            m.wrong.append(f"run {len(m.values)}: {problem}")
-        say(f"WRONG RESULT ({', '.join(keys)}): {problem}")
+        verify_into([self.measures[key] for key in keys], folder, ref)
 
     def probe_webdav_range(self) -> None:
         """Does Orthanc's WebDAV honour ``Range``? (rclone relies on it when it seeks.)"""
@@ -824,19 +859,7 @@ class Bench:
             self.verify(["rclone"], folder, self.ct)
 
     def _dicomweb_client(self, _: int) -> None:
-        code = ("import sys\n"
-                "from dicomweb_client.api import DICOMwebClient\n"
-                "client = DICOMwebClient(sys.argv[1])\n"
-                "found = client.iter_series(sys.argv[2], sys.argv[3],\n"
-                "                           media_types=(('application/dicom', '*'),))\n"
-                "print(sum(1 for _ in found))\n")
-        cmd = [sys.executable, "-c", code, self.orthanc.dicomweb_url, self.ct.study,
-               self.ct.series]
-        seconds, out = run_timed(cmd, "dicomweb-client")
-        if out.strip() != str(len(self.ct.files)):
-            raise BenchError(f"dicomweb-client returned {out.strip()} instances, "
-                             f"expected {len(self.ct.files)}")
-        self.measures["dwc"].add(seconds)
+        self.measures["dwc"].add(dicomweb_client_seconds(self.orthanc.dicomweb_url, self.ct))
 
     def _ls(self, _: int) -> None:
         with self.mounts.mounted(self.cold_mount()) as h:
@@ -1051,90 +1074,6 @@ def first_line(cmd: Sequence[str]) -> str:
     return (done.stdout.strip().splitlines() or ["?"])[0]
 
 
-WHERE_THE_TIME_GOES = """\
-What limits each figure, as measured while building dicomfs (py-spy and perf on the mount
-process, strace of the reader, CPU time from /proc as in the CPU rows above):
-
-- **Cold series read** = listing + bulk stream + what the reader still has to read when the
-  stream ends, and on this machine it is CPU-bound: Orthanc, the dicomfs process and `cat`
-  share 2 cores. The `cat` glob lists the folder first: QIDO-RS of 400 instances costs
-  Orthanc as much as the wire retrieve itself (~0.2 s, whatever fields are asked for), so
-  Orthanc alone spends about twice its wire CPU (the CPU rows). The dicomfs process parses
-  the stream in Python and copies every byte twice into new page-cache pages: once into its
-  cache file, once into the mount's page cache at the first open. Filling new pages is this
-  VM's most variable cost: 200 MB took 0.05 s to 0.53 s within the same hour (DAMON pageout,
-  a virtio balloon), which is most of the spread of the cold rows. Orthanc streams in
-  instance-number order while `cat *.dcm` reads in name (UID) order, so the reader waits for
-  its next file and most of its reading happens after the stream ends.
-- **~1 GB study**: QIDO of its 2000 instances (two pages of 1000) costs Orthanc ~1.1 s,
-  the stream lands at ~320 MB/s, and most files are read after it ends.
-- **Measured and rejected**: 400 parallel single-instance requests (8 or 16 at once) take
-  1.2-1.4 s on this Orthanc against 0.3-0.5 s for one series request. Writing the stream's
-  parts from worker threads, per chunk (about 1.5x slower) or per whole part while parsing
-  goes on (0.45-0.53 s against 0.31-0.37 s for the series to land): GIL hand-offs cost more
-  than the copy they move. Pushing files into the page cache from a worker thread, ahead of
-  a walking reader or as the prefetch lands them: no faster (cold 0.87-0.90 s either way,
-  4 runs each), more CPU.
-- **Warm from page cache**: every file still costs an OPEN and a RELEASE round trip through
-  pyfuse3's event loop: 85 us per open+close (136 us before opens of files the kernel holds
-  stopped opening the cache file), 34 ms for 400 files against a 49 ms local `cat`, so about
-  1.7x at best. The kernel can skip OPEN (FUSE no_open: `open` answers ENOSYS), but READ
-  then carries no file handle and pyfuse3 3.5 (the latest) passes `read()` no inode, so
-  dropped pages could not be read again; FUSE passthrough needs libfuse 3.16 (Debian
-  bookworm has 3.14) and a pyfuse3 that exposes it.
-- **Warm from disk cache**: the same round trips, plus copying each file into new pages of
-  the mount's page cache at its first open (`notify_store` from an mmap of the cache file).
-- **Listing**: warm `ls -l` answers from memory; extended attributes answer ENOSYS so the
-  kernel stops asking for them.
-"""
-
-
-HOW_MEASURED = """\
-- **Server**: a private Orthanc (Debian package, DICOMweb plugin, WebDAV on) on loopback,
-  storage on the same disk as the archive, storage compression off. Every row reads the same
-  stored bytes; Orthanc's files are in the page cache for all rows alike (nothing global is
-  ever dropped: no `drop_caches`). The wire and local references get one untimed warm-up.
-- **Timing**: wall-clock of the whole operation with `time.perf_counter` around the process
-  (for `cat`, the shell's glob expansion is inside the timing; for the time to first byte,
-  `open` + `read(1)` in the benchmark process itself). Median of the runs; min-max shown.
-- **Cold** (dicomfs): for every run a new, empty `--cache-dir` and a new mount
-  (`python -m dicomfs mount URL MNT --cache-dir DIR`, which returns once ready; its duration
-  is the "mount time" row, all fresh-cache mounts counted), then the timed operation, then
-  `python -m dicomfs unmount MNT` and a wait until the mount process has exited.
-- **wire**: `curl -H 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'`
-  of the WADO-RS series (or study, or instance) into /dev/null: what the bytes cost on this
-  server with no file system in between. Reference for cold reads.
-- **curl -o file**: the same retrieve into a new file next to the caches (each run its own
-  file, all deleted at the end): the least a caching reader must do, write the bytes.
-- **CPU rows**: user + system time from `/proc/<pid>/stat` of Orthanc and of the mount
-  process, before and after the timed operation; for `cat`, `getrusage(RUSAGE_CHILDREN)`.
-- **local disk**: `cat` of the same 400 files from the archive folder, page cache warm.
-  Reference for warm reads (and `ls -l` of that folder for the listing rows).
-- **dicomfs reads**: `cat MNT/studies/<Study>/<Series>/*.dcm > /dev/null`. After each read the
-  benchmark checks (untimed) that the folder shows exactly the archive's files and sizes and
-  that every file's SHA-256 matches; a mismatch is reported as WRONG BYTES next to the timing
-  (which is kept) and listed below the table. Warm from disk cache: a new mount on the cache
-  filled by the cold run. Warm from page cache: a second `cat` in that same mount.
-- **rclone**: `rclone mount :webdav: MNT --webdav-url http://127.0.0.1:PORT/webdav/
-  --read-only --vfs-cache-mode off --daemon` (a new mount per run, unmounted with
-  `fusermount3 -u`), then `cat MNT/by-uids/<Study>/<Series>/*.dcm`.
-- **dicomweb-client**: `python -c` with `DICOMwebClient(url).iter_series(study, series,
-  media_types=(('application/dicom', '*'),))`, consuming every dataset; timed from process
-  start to exit (interpreter start and imports included).
-- **ls -l**: `ls -l` of the series folder right after a fresh mount (cold), then again (warm).
-- **Time to first byte**: fresh mount and cache, then `open` + `read(1)` of the middle CT
-  file by its full path (the path lookups are part of it). Reference: curl of that instance.
-- **Parallel**: 8 generated series (48 slices of 512x512 int16 each, ~25 MB per series,
-  ~200 MB in all, in one study); 8 concurrent `cat` processes, one per series, on one fresh
-  mount; wall time until the last ends. Reference: 8 concurrent curl series retrieves.
-  (The sample archive's other series are 1 to 40 small files, 28 MB together: too small.)
-- **Memory**: a second archive built by the same generator with 2000 CT slices (~1 GB study)
-  in an Orthanc of its own (it reuses the sample archive's UIDs). Fresh mount and cache,
-  `cat MNT/studies/<Study>/*/*.dcm`, then `VmHWM` of the `--foreground` mount process (found
-  with `pgrep -f` on the mount point) from `/proc/<pid>/status`, in MB (10^6 bytes).
-"""
-
-
 def busy_note(facts: dict[str, str]) -> str:
     """A warning when something else kept the machine busy (1-minute load >= 1)."""
     loads = [float(facts[k].split()[0]) for k in ("_load_start", "_load_end") if k in facts]
@@ -1146,24 +1085,47 @@ def busy_note(facts: dict[str, str]) -> str:
             "than on an idle machine.\n")
 
 
+def machine_table(facts: dict[str, str]) -> str:
+    """The machine facts as a Markdown table (load averages included)."""
+    rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items() if not k.startswith("_"))
+    return (f"| fact | value |\n|---|---|\n{rows}\n"
+            f"| load average at start / end | {facts['_load_start']} / {facts['_load_end']} |")
+
+
+BLOCK_BEGIN = "<!-- scripts/bench {name}: generated by each run, edits inside are lost -->"
+BLOCK_END = "<!-- end of scripts/bench {name} -->"
+
+
+def write_block(output: Path, name: str, text: str) -> None:
+    """Put ``text`` between the markers of block ``name`` in ``output``, keeping the rest
+    (the hand-written explanations and the other sections' results); a block not yet in
+    the file is appended."""
+    begin, end = BLOCK_BEGIN.format(name=name), BLOCK_END.format(name=name)
+    block = f"{begin}\n{text.strip()}\n{end}\n"
+    try:
+        current = output.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        current = "# Performance\n"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        updated = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        updated = current.rstrip("\n") + "\n\n" + block
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(updated, encoding="utf-8")
+
+
 def write_report(bench: Bench, output: Path, png: Path, lines: list[TableLine],
                  seconds: float, command: str) -> None:
+    """The loopback section's block: only what this run measured."""
     facts = bench.facts
-    machine = "\n".join(f"| {k} | {v} |" for k, v in facts.items() if not k.startswith("_"))
     data = "\n".join(f"- {note}" for note in bench.data_notes)
-    problems = [f"- failed: {f.splitlines()[0]}" for f in bench.failures]
+    problems = [f"- failed: {f.splitlines()[0]}" for f in bench.failures
+                if not f.startswith("network")]
     problems += [f"- wrong result: {m.label}, {w}" for m in bench.measures.values()
                  for w in m.wrong]
-    if bench.measures["rclone"].wrong:
-        problems.append(
-            "- rclone's wrong bytes are rclone and Orthanc's, not the benchmark's: the check "
-            "reads the rclone mount again, so they are what any reader gets. Likely cause "
-            "(see the Range probe under Data): with `--vfs-cache-mode off` rclone asks for "
-            "`Range: bytes=N-` when the kernel's reads arrive out of order, Orthanc's WebDAV "
-            "ignores Range and sends the file from byte 0, and rclone serves that as byte N on. "
-            "The rclone timing is kept: it is what rclone costs here.")
     failures = "\n".join(problems) or "- none"
-    text = f"""# Performance
+    text = f"""## Loopback: dicomfs against the wire, local disk and other clients
 
 Generated by `scripts/bench` on {facts['_date']}; the whole run took {seconds / 60:.1f} min
 ({bench.runs} runs per figure). Ratios are the median of the row over the median of its
@@ -1175,30 +1137,19 @@ Reproduce: `{command}`
 
 ![dicomfs and references, median seconds (log scale)]({png.name})
 
-## Failures and wrong results
+### Failures and wrong results
 
 {failures}
 
-## Where the time goes
+### Machine
 
-{WHERE_THE_TIME_GOES}
+{machine_table(facts)}
 
-## How measured
-
-{HOW_MEASURED}
-## Machine
-
-| fact | value |
-|---|---|
-{machine}
-| load average at start / end | {facts['_load_start']} / {facts['_load_end']} |
-
-## Data
+### Data
 
 {data}
 """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
+    write_block(output, "loopback", text)
 
 
 def plot(measures: dict[str, Measure], path: Path) -> None:
@@ -1280,12 +1231,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (default 3)")
     parser.add_argument("--skip-1g", action="store_true",
                         help="skip the ~1 GB study (cold read and peak RSS rows)")
+    section = parser.add_mutually_exclusive_group()
+    section.add_argument("--only", choices=["network"],
+                         help="run only the network section (emulated links, nearly full "
+                         "disk, CPU per GB)")
+    section.add_argument("--skip-network", action="store_true",
+                         help="skip the network section")
+    parser.add_argument("--slow-link-runs", type=int, default=1,
+                        help="runs at the slowest emulated link (default 1: each run takes "
+                        "minutes); the other links use --runs")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "performance.md",
                         help="Markdown report (default docs/performance.md); the plot is "
                         "written next to it with the suffix .png")
     args = parser.parse_args(argv)
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    if args.runs < 1 or args.slow_link_runs < 1:
+        parser.error("--runs and --slow-link-runs must be at least 1")
     return args
 
 
@@ -1307,27 +1267,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _exit_on_signal)
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    import bench_network  # after the module alias above: it imports this module
+
+    network = None if args.skip_network else bench_network.NetworkBench(bench)
+    loopback_seconds = 0.0
     try:
         bench.prepare()
         bench.facts = machine_facts(bench.orthanc)
-        bench.run_all()
+        if args.only != "network":
+            bench.run_all()
+            loopback_seconds = time.monotonic() - started
+        if network is not None:
+            network.run()
     finally:
         bench.cleanup()
     seconds = time.monotonic() - started
     bench.facts.update(_date=date, _load_start=load_start,
                        _load_end=" ".join(f"{x:.2f}" for x in os.getloadavg()))
-    lines = table_lines(bench.measures)
-    if args.skip_1g:
-        skipped = {bench.measures[k].label for k in ("wire_1g", "cold_1g", "rss_idle", "rss_1g")}
-        lines = [line for line in lines if line.measurement not in skipped]
-    print(text_table(lines))
-    print(f"\nwhole benchmark: {seconds / 60:.1f} min")
     output = args.output.absolute()
-    png = output.with_suffix(".png")
     command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
-    write_report(bench, output, png, lines, seconds, command)
-    plot(bench.measures, png)
-    say(f"wrote {output} and {png}")
+    if args.only != "network":
+        lines = table_lines(bench.measures)
+        if args.skip_1g:
+            skipped = {bench.measures[k].label
+                       for k in ("wire_1g", "cold_1g", "rss_idle", "rss_1g")}
+            lines = [line for line in lines if line.measurement not in skipped]
+        print(text_table(lines))
+        png = output.with_suffix(".png")
+        write_report(bench, output, png, lines, loopback_seconds, command)
+        plot(bench.measures, png)
+        say(f"wrote {output} and {png}")
+    if network is not None:
+        print(network.text_table())
+        png = output.with_name(f"{output.stem}-network.png")
+        network.write_report(output, png, seconds - loopback_seconds, command)
+        network.plot(png)
+        say(f"wrote the network section into {output}, and {png}")
+    print(f"\nwhole benchmark: {seconds / 60:.1f} min")
     return 1 if bench.failures else 0
 
 

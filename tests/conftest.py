@@ -16,6 +16,9 @@ Fixtures:
   and returns a :class:`Mount` once the mount answers; every mount is torn down afterwards,
   even when the test failed, and its log is attached to the failure report.
 * ``mnt`` (function): one default mount of the session Orthanc.
+* ``link_factory`` (function): ``link_factory(url, delay=0.020, rate=25e6)`` starts a
+  :class:`~dicomfs.demo.netem.LinkProxy` (an emulated network link) in front of ``url``;
+  mount ``link.url()`` and read ``link.counters``. Every link is stopped after the test.
 
 FUSE is required: the session stops at once, with a non-zero status, without /dev/fuse or
 fusermount3. Tests are never skipped for a missing tool: a green run means they all ran.
@@ -39,6 +42,7 @@ import pytest
 
 from dicomfs.demo import Archive, ArchiveFile, LocalOrthanc, OrthancError, build_archive
 from dicomfs.demo.mounts import force_unmount, is_mounted, run_quietly
+from dicomfs.demo.netem import LinkProxy
 from dicomfs.demo.orthanc import find_orthanc
 from dicomfs.demo.tinypacs import LocalTinyPacs, TinyPacsError
 
@@ -378,6 +382,31 @@ def check_listings_equal_qido(root: Path, client: httpx.Client | str, *,
                                   "00080018")
             names = set(os.listdir(root / "studies" / study / one))
             assert names == {f"{uid}.dcm" for uid in instances} | extra
+
+
+# --------------------------------------------------------------------------- emulated links
+
+
+class LinkFactory(Protocol):
+    def __call__(self, target: str, *, delay: float = 0.0,
+                 rate: float | None = None) -> LinkProxy: ...
+
+
+@pytest.fixture
+def link_factory() -> Iterator[LinkFactory]:
+    """Start link-emulating proxies (one-way ``delay`` in seconds, ``rate`` in bytes/s per
+    connection, None for no cap) in front of a URL or ``host:port``; all stopped after the
+    test."""
+    links: list[LinkProxy] = []
+
+    def factory(target: str, *, delay: float = 0.0, rate: float | None = None) -> LinkProxy:
+        link = LinkProxy(target, delay=delay, rate=rate).start()
+        links.append(link)
+        return link
+
+    yield factory
+    for link in links:
+        link.stop()
 
 
 # --------------------------------------------------------------------------- failure reports
