@@ -11,6 +11,7 @@ unverified ever reaches the store, so nothing unverified is ever served.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -41,6 +42,8 @@ T = TypeVar("T")
 
 # Failures that mean "the server cannot answer this now": cached data may stand in.
 OFFLINE_ERRORS = (Unreachable, Timeout, ServerError)
+LIST_AHEAD_QUEUE = 256  # folders waiting to be listed ahead; more are not listed ahead
+LIST_AHEAD_AT_ONCE = 8  # QIDO requests of listing ahead at once
 IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
 
@@ -85,6 +88,8 @@ class Archive:
             maxsize=100_000, ttl=listing_ttl)
         self._flights: dict[object, _Flight] = {}
         self._metadata_counts: dict[Key, int] = {}
+        self._ahead_send, self._ahead_receive = trio.open_memory_channel[
+            tuple[str, str | None]](LIST_AHEAD_QUEUE)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -93,7 +98,39 @@ class Archive:
             await nursery.start(self.engine.run)
             if self.readahead is not None:
                 await nursery.start(self.readahead.run)
+            nursery.start_soon(self._list_ahead)
             task_status.started()
+
+    def list_ahead(self, study: str, series: str | None = None) -> None:
+        """Fetch the listings below a folder a walker is about to open, in the background:
+        a study's series and each series' instances, or one series' instances.
+
+        ``ls -R``, ``find``, ``du`` and file managers then wait a round trip per level
+        of the tree, not per folder. Bounded: a full queue drops the request (the
+        walker then lists that folder itself), and LIST_AHEAD_AT_ONCE run at once.
+        """
+        with contextlib.suppress(trio.WouldBlock):
+            self._ahead_send.send_nowait((study, series))
+
+    async def _list_ahead(self) -> None:
+        limiter = trio.CapacityLimiter(LIST_AHEAD_AT_ONCE)
+
+        async def one(study: str, series: str | None) -> None:
+            async with limiter:
+                try:
+                    if series is not None:
+                        await self.instances(study, series)
+                        return
+                    for found in await self.series(study):
+                        uid = dicomjson.uid(found, dicomjson.SERIES_UID)
+                        if uid is not None:
+                            nursery.start_soon(one, study, uid)
+                except DicomfsError as exc:  # the walker's own listing will say it
+                    log.debug("listing ahead of %s: %s", series or study, exc)
+
+        async with trio.open_nursery() as nursery:
+            async for study, series in self._ahead_receive:
+                nursery.start_soon(one, study, series)
 
     # -- listings (QIDO-RS) ---------------------------------------------------------
 

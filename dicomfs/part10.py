@@ -35,7 +35,6 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 MAX_DEPTH = 32  # nested sequences deeper than this are not a real file
 MAX_UID_LENGTH = 256  # a UID value longer than this is garbage (valid ones are at most 64)
 
-IMPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = b"1.2.840.10008.1.2.2"
 #: Transfer syntaxes whose whole dataset is deflated (plain, JPIP, JPIP HTJ2K).
 DEFLATED = frozenset({b"1.2.840.10008.1.2.1.99", b"1.2.840.10008.1.2.4.95",
@@ -251,9 +250,12 @@ def _open_dataset(file: _File) -> tuple[_Source, _Encoding]:
         return file, _raw_encoding(file)
     if syntax in DEFLATED:
         return _Inflated(file), EXPLICIT_LE
-    if syntax == IMPLICIT_VR_LITTLE_ENDIAN:
-        return file, IMPLICIT_LE
-    return file, EXPLICIT_BE if syntax == EXPLICIT_VR_BIG_ENDIAN else EXPLICIT_LE
+    if syntax == EXPLICIT_VR_BIG_ENDIAN:
+        return file, EXPLICIT_BE
+    # Little endian as declared, implicit or explicit VR as the dataset is written: some
+    # servers (tiny-pacs) declare explicit VR over a dataset stored implicit, and pydicom
+    # reads it all the same, so the object is whole and must be served.
+    return file, EXPLICIT_LE if file.peek(6)[4:6] in KNOWN_VRS else IMPLICIT_LE
 
 
 def whole_instance_uid(head: bytes, fd: int | None, size: int) -> str:

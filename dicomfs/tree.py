@@ -61,6 +61,7 @@ RENDERED_FORMATS = ("png", "jpg")
 # Shown before the first read when nothing better is known. Never 0: tools such as
 # file(1) call a 0-byte file empty without opening it.
 PLACEHOLDER_SIZE = 4096
+LIST_AHEAD_FOLDERS = 64  # of a listing, the first so many folders are listed ahead
 NAMED_FOLDERS = 4096  # readable folders whose names are kept ready (the rest are remade)
 
 
@@ -297,8 +298,20 @@ class Tree:
         return self._add(Kind.QUERY, (name,), name)
 
     async def children(self, inode: int) -> list[Node]:
-        """Everything in a folder, in a stable order."""
-        parent = self.node(inode)
+        """Everything in a folder, in a stable order; the listings of the folders in it
+        are fetched ahead (see ``Archive.list_ahead``), for walkers."""
+        found = await self._children(self.node(inode))
+        for child in found[:LIST_AHEAD_FOLDERS]:
+            if child.kind in (Kind.STUDY, Kind.RENDERED_STUDY):
+                self.archive.list_ahead(child.study or "")
+            elif child.kind in (Kind.SERIES, Kind.RENDERED_SERIES):
+                self.archive.list_ahead(child.study or "", child.series or "")
+            elif child.kind in (Kind.PATIENT, Kind.DATE):
+                for study in (await self._grouped_studies(child))[:LIST_AHEAD_FOLDERS]:
+                    self.archive.list_ahead(_uid(study, dicomjson.STUDY_UID))
+        return found
+
+    async def _children(self, parent: Node) -> list[Node]:
         kind = parent.kind
         if kind is Kind.ROOT:
             return [self._top(name) for name in self._tops]
@@ -342,6 +355,15 @@ class Tree:
             allowed = {dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in await self._studies()}
             found = [ds for ds in found if dicomjson.uid(ds, dicomjson.STUDY_UID) in allowed]
         return found
+
+    async def _grouped_studies(self, folder: Node) -> list[Dataset]:
+        """The studies below a patient or date folder."""
+        index = await self._grouped()
+        if folder.kind is Kind.PATIENT:
+            return index.patients.get(folder.selector or "", [])
+        prefix = folder.selector or ""
+        return [ds for day, studies in index.days.items() if day.startswith(prefix)
+                for ds in studies]
 
     async def _grouped(self) -> _Index:
         """The study listing by patient and by day, made again when the listing is."""

@@ -134,15 +134,19 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
 
 # --------------------------------------------------------------------------- tiny-pacs
 
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def tiny_pacs_files(archive: Archive) -> list[ArchiveFile]:
     """What the tiny-pacs fixtures load: every study of the archive (the MR series to page
     through, the non-ASCII names, every transfer syntax it stores) but the 200 MB CT series,
-    which pages no better and would slow the suite, and deflated objects, which tiny-pacs
-    refuses over STOW-RS (409)."""
-    return [f for f in archive.files if f.label != "ct" and f.transfer_syntax != DEFLATED]
+    which pages no better and would slow the suite, deflated objects, which tiny-pacs
+    refuses over STOW-RS (409), and raw big-endian datasets, which it wraps in a file meta
+    saying explicit VR little endian: an object neither pydicom nor dicomfs can read
+    (dicomfs answers EIO for it)."""
+    return [f for f in archive.files if f.label != "ct" and f.transfer_syntax != DEFLATED
+            and not (f.transfer_syntax == BIG_ENDIAN and archive.read(f)[128:132] != b"DICM")]
 
 
 def _start_tiny_pacs(storage: Path, tokens: Sequence[str] = ()) -> LocalTinyPacs:

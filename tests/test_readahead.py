@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory
+from conftest import LinkFactory, MountFactory
 
 from dicomfs.demo import Archive, LocalOrthanc
 from dicomfs.demo.archive import ArchiveFile
@@ -68,3 +68,29 @@ def test_nearly_full_disk_fetches_about_what_is_read(
     assert len(asked) == len(set(asked))  # nothing fetched twice
     assert {entry.sop_uid for entry in read} <= set(asked)
     assert sent <= 1.2 * wanted
+
+
+def test_long_link_walk_runs_parallel_instance_requests(
+        mount_factory: MountFactory, archive: Archive, orthanc: LocalOrthanc,
+        link_factory: LinkFactory) -> None:
+    """Across a long link (20 ms one way, 25 MB/s per connection) a series walk is
+    fetched in parallel instance requests on several connections, each file once and
+    none beyond what is read plus the read-ahead window, every byte right."""
+    series = archive.series_files(archive.series_uid("ct"))
+    read = by_name(series)[:60]
+    link = link_factory(orthanc.url, delay=0.020, rate=25e6)
+    mount = mount_factory(link.url("/dicom-web"))
+    link.reset()
+    for entry in read:
+        assert path_of(mount.path, entry).read_bytes() == archive.read(entry), entry.sop_uid
+    mount.unmount()
+    lines = link.counters.request_lines
+    asked = [m.group(1) for line in lines
+             if (m := INSTANCE.fullmatch(line.removesuffix(" HTTP/1.1")))]
+    print(f"{len(lines)} requests on {link.counters.connections} connections; "
+          f"{len(asked)} instances for {len(read)} read; {link.counters.bytes_down} bytes")
+    assert not any(SERIES.fullmatch(line.removesuffix(" HTTP/1.1")) for line in lines)
+    assert len(asked) == len(set(asked))  # each instance once
+    assert {entry.sop_uid for entry in read} <= set(asked)
+    assert len(asked) <= len(read) + 32  # at most the window (2 x 16 connections) beyond
+    assert link.counters.connections >= 4  # in parallel
