@@ -43,7 +43,7 @@ T = TypeVar("T")
 # Failures that mean "the server cannot answer this now": cached data may stand in.
 OFFLINE_ERRORS = (Unreachable, Timeout, ServerError)
 LIST_AHEAD_QUEUE = 256  # folders waiting to be listed ahead; more are not listed ahead
-LIST_AHEAD_AT_ONCE = 8  # QIDO requests of listing ahead at once
+LIST_AHEAD_AT_ONCE = 16  # QIDO requests of listing ahead at once (the pool has 16)
 IMAGE_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff"}
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
 
@@ -169,7 +169,12 @@ class Archive:
         return _pick(found, dicomjson.STUDY_UID, study)
 
     async def find_series(self, study: str, series: str) -> Dataset | None:
-        """One series by UID; offline, the saved listing of its study or the cache answers."""
+        """One series by UID: from the study's listing when it is at hand (a lookup of the
+        study fetches it alongside), else one QIDO query; offline, the saved listing of its
+        study or the cache answers."""
+        listed = await self._at_hand(f"series/{study}")
+        if listed is not None and (found := _pick(listed, dicomjson.SERIES_UID, series)):
+            return found
         try:
             found = await self._listing(
                 f"series/{study}/{series}",
@@ -368,6 +373,11 @@ class Archive:
             for instance in missing:
                 nursery.start_soon(fetch_one, instance)
         return failed
+
+    def expect(self, study: str, series: str, instance: str) -> None:
+        """A program looks this instance up by its path, so it will most likely open it
+        next: its transfer starts now, while the lookup's own query runs."""
+        self.engine.want(Key(study, series, instance, "dcm"), Priority.READER)
 
     def is_cached(self, study: str, series: str, instance: str) -> bool:
         return self.cached_size(Key(study, series, instance, "dcm")) is not None

@@ -24,6 +24,7 @@ listing to one QIDO query.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -33,12 +34,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import cachetools
+import trio
 
 from dicomfs import dicomjson, names
 from dicomfs.archive import Archive
 from dicomfs.capabilities import Capabilities
 from dicomfs.dicomjson import Dataset
-from dicomfs.errors import BadRequest
+from dicomfs.errors import BadRequest, DicomfsError
 from dicomfs.store import Blob, Key
 from dicomfs.uids import is_uid
 
@@ -259,8 +261,16 @@ class Tree:
         if parent.kind is Kind.QUERY:  # only what the search found
             study = _pick(await self._query_studies(parent.name), dicomjson.STUDY_UID, uid)
         else:  # also a study a server's listing cap (or the scope) leaves out
-            study = await self.archive.find_study(uid)
+            async with trio.open_nursery() as nursery:
+                # The next lookup (a series of it) is answered by its listing, fetched
+                # meanwhile: a path opens in one round trip per two levels.
+                nursery.start_soon(self._series_quietly, uid)
+                study = await self.archive.find_study(uid)
         return self._study_node(kind, parent, study) if study is not None else None
+
+    async def _series_quietly(self, study: str) -> None:
+        with contextlib.suppress(DicomfsError):  # the series lookup asks again, and says
+            await self.archive.series(study)
 
     async def _lookup_file(self, parent: Node, name: str) -> Node | None:
         stem, dot, ext = name.rpartition(".")
@@ -271,6 +281,8 @@ class Tree:
         known = self._existing(kind, parent.series, stem, ext)
         if known is not None:
             return known
+        if kind is Kind.INSTANCE:
+            self.archive.expect(parent.study or "", parent.series or "", stem)
         # One QIDO match by UID, not the listing of a series that may hold thousands.
         found = await self.archive.find_instance(parent.study or "", parent.series or "", stem)
         if found is None:
