@@ -304,25 +304,31 @@ def test_eviction_keeps_the_cache_bounded(mount_factory, archive: Archive,
     sampler.start()
     mark = orthanc.mark()
     try:
-        # A file opened before its entry is evicted keeps reading correctly. It is a CT
-        # image of another series, so that the series prefetch of the big CT series, which
-        # fetches evicted files again, cannot bring it back.
-        held = archive.with_label("followup-ct")[0]
+        # A file opened before its entry is evicted keeps reading correctly. It is the
+        # largest image of another series (7 MB), so that the series prefetch of the big CT
+        # series, which fetches evicted files again, cannot bring it back.
+        held = max((f for f in archive.files if f.label.startswith("pydicom/")),
+                   key=lambda f: f.size)
         expected = archive.read(held)
         half = len(expected) // 2
         fd = os.open(instance_path(mount.path, held), os.O_RDONLY)
         try:
-            # No readahead, so that the second half is not read before the eviction (unless
-            # the mount pushed the whole file into the page cache at open, as it may).
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             head = os.pread(fd, half, 0)
             check_files(mount.path, archive, files)  # ~210 MB through a 40 MiB cache
             entry = objects / held.study_uid / held.series_uid / f"{held.sop_uid}.dcm"
             assert not entry.exists(), "40 MiB of newer entries should have evicted it"
+            # The kernel may hold the whole file (pushed at open): drop its pages, so that
+            # the reads below reach the mount, which serves them from the evicted entry.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            log_mark = len(mount.log())
             tail = os.pread(fd, len(expected), half)
+            head_again = os.pread(fd, half, 0)
         finally:
             os.close(fd)
         assert head + tail == expected
+        assert head_again == head
+        reads = [line for line in mount.log()[log_mark:].splitlines() if " READ " in line]
+        assert any(line.endswith(f"/{held.sop_uid}.dcm (deleted)") for line in reads), reads
         first_pass = orthanc.requests_since(mark)
         check_files(mount.path, archive, files)  # the second pass, refetched
     finally:

@@ -78,6 +78,7 @@ def test_pages_dropped_after_an_open_without_descriptor(mnt, archive: Archive,
     for entry in entries:
         (folder / f"{entry.sop_uid}.dcm").read_bytes()  # first open: pushed whole
     mark = orthanc.mark()
+    log_mark = len(mnt.log())
     for entry in entries:
         with open(folder / f"{entry.sop_uid}.dcm", "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -85,6 +86,10 @@ def test_pages_dropped_after_an_open_without_descriptor(mnt, archive: Archive,
             f.seek(entry.size // 2)
             assert f.read(100) == archive.read(entry)[entry.size // 2:][:100]
     assert not [r for r in orthanc.requests_since(mark) if INSTANCE_REQUEST in r]
+    # The pages were really gone: the kernel asked the mount (its debug log names each READ).
+    reads = [line for line in mnt.log()[log_mark:].splitlines() if " READ " in line]
+    for entry in entries:
+        assert any(line.endswith(f"/{entry.sop_uid}.dcm") for line in reads), reads
 
 
 def test_cp_r_of_a_series(mnt, archive: Archive, tmp_path: Path) -> None:
