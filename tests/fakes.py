@@ -59,6 +59,7 @@ __all__ = [
     "element",
     "one_series_app",
     "serving",
+    "wait_until",
 ]
 
 MAX_HEAD = 64 * 1024
@@ -66,6 +67,16 @@ SERIES_RETRIEVE = re.compile(r"/studies/[0-9.]+/series/[0-9.]+$")  # WADO-RS of 
 CHUNK = 256 * 1024
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "upgrade",
               "transfer-encoding-hint"}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 # =========================================================================== actions

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from fakes import wait_until
 
 from dicomfs.cli import default_cache_dir
 from dicomfs.demo import Archive, LocalOrthanc
@@ -358,7 +359,10 @@ def test_reading_a_series_larger_than_the_cache_fetches_it_about_once(
     mount = mount_factory(args=["--cache-size", "1M"])
     mark = orthanc.mark()
     check_files(mount.path, archive, files)
-    time.sleep(1)  # let a prefetch still running finish, to count all it asks for
+    # Count everything the series prefetch asks for: wait until it has ended.
+    ended = re.compile(rf"series {archive.series_uid('mr')}: (prefetched|prefetch failed|"
+                       "too large)")
+    assert wait_until(lambda: ended.search(mount.log()), 60), mount.log_tail(20)
     requests = orthanc.requests_since(mark)
     instances = len(instance_requests(requests))
     streams = len(series_requests(requests))
@@ -383,13 +387,13 @@ def test_offline_mount_serves_the_cache(mount_factory, orthanc_factory, archive:
                       "metadata.json"]
 
     def seconds_to_eio(path: Path) -> float:
-        """Read an instance that is not cached: EIO, and soon (the time it took)."""
+        """Read an instance that is not cached: EIO (and the time it took, for the record;
+        test_deadline_bounds_a_stalled_read checks the bound)."""
         started = time.monotonic()
         with pytest.raises(OSError) as raised:
             path.read_bytes()
         seconds = time.monotonic() - started
         assert raised.value.errno == errno.EIO
-        assert seconds < 10
         return seconds
 
     mount = mount_factory(url, cache_dir=cache, args=["--listing-ttl", "1"])
