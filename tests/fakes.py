@@ -205,6 +205,10 @@ class Proxy:
         self._thread = threading.Thread(target=self._accept_loop, name="fake-proxy-accept",
                                         daemon=True)
         self.errors: list[str] = []  # proxy-side surprises, for the failure report
+        self.seen: list[Request] = []  # every request, in arrival order
+        self.open_connections = 0
+        self.peak_connections = 0  # the most client connections open at once
+        self._count_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -235,6 +239,16 @@ class Proxy:
                 return
 
     def _serve(self, conn: socket.socket) -> None:
+        with self._count_lock:
+            self.open_connections += 1
+            self.peak_connections = max(self.peak_connections, self.open_connections)
+        try:
+            self._serve_one(conn)
+        finally:
+            with self._count_lock:
+                self.open_connections -= 1
+
+    def _serve_one(self, conn: socket.socket) -> None:
         conn.settimeout(self.io_timeout)
         reset = False
         try:
@@ -252,6 +266,7 @@ class Proxy:
                     return
                 body += chunk
             request = Request(method, target, {n.lower(): v for n, v in headers})
+            self.seen.append(request)
             action = self.policy(request)
             if isinstance(action, Reset):
                 reset = True
