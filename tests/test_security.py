@@ -51,8 +51,10 @@ from fakes import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dicomfs.auth
 import dicomfs.client
 from dicomfs import dicomjson, part10
+from dicomfs.auth import CredentialError
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.demo import Archive, LocalOrthanc
 from dicomfs.demo.archive import part10_dataset
@@ -1012,3 +1014,48 @@ def test_untrusted_certificates_fail_mount_and_prefetch_clearly(
     assert fetched.returncode == 1
     assert f"prefetch failed: {message}" in fetched.stderr, fetched.stderr
     assert proxy.requests() == []  # no request ever went out over the untrusted connection
+
+
+# =========================================================================== token sources
+
+
+def test_token_file_is_read_again_on_401_and_after_its_lifetime(
+        orthanc: LocalOrthanc, archive: Archive, mount_factory: MountFactory,
+        tmp_path: Path) -> None:
+    gate = TokenGate(tmp_path / "gate", static="first")
+    token_file = gate.folder / "token"
+    files = iter(sorted({f.series_uid: f for f in archive.files
+                         if f.label.startswith("pydicom/")}.values(),
+                        key=lambda f: f.sop_uid))  # one per series: each read asks anew
+
+    def read_next() -> None:
+        entry = next(files)
+        path = mount.path / "studies" / entry.study_uid / entry.series_uid / \
+            f"{entry.sop_uid}.dcm"
+        assert path.read_bytes() == archive.read(entry)
+
+    with Proxy(orthanc.url, gate) as proxy:
+        mount = mount_factory(proxy.url("/dicom-web"), args=[
+            "--token-file", str(token_file), "--token-lifetime", "1"])
+        read_next()
+        # A new token, the old one refused at once: the 401 makes the mount read the file.
+        gate.static = "second"
+        token_file.write_text("second\n")
+        read_next()
+        assert gate.rejected["first"] >= 1 and gate.accepted["second"] >= 1
+        # A new token in the file while the old one still works: once the lifetime has
+        # passed (the behaviour under test is time), the mount uses it without a 401.
+        token_file.write_text("third\n")
+        time.sleep(1.5)
+        gate.static = "third"
+        read_next()
+    assert gate.accepted["third"] >= 1, gate.accepted
+    assert gate.rejected["second"] == 0, gate.rejected
+
+
+def test_token_command_has_a_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token command that hangs is stopped after TOKEN_COMMAND_TIMEOUT (60 s, lowered
+    here) and reported, instead of hanging every request behind it."""
+    monkeypatch.setattr(dicomfs.auth, "TOKEN_COMMAND_TIMEOUT", 0.5)
+    with pytest.raises(CredentialError, match=r"timed out after 0\.5 seconds"):
+        dicomfs.auth.run_token_command(f"{PYTHON} -c 'import time; time.sleep(60)'")
