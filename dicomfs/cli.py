@@ -12,10 +12,13 @@ import getpass
 import logging
 import os
 import re
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import certifi
 
 from dicomfs import __version__
 from dicomfs.auth import (
@@ -259,11 +262,20 @@ def without_secrets(argv: list[str]) -> list[str]:
     return kept
 
 
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """The private CA and client certificate as one SSLContext (True: the default CAs)."""
+    if not (args.ca_bundle or args.client_cert):
+        return True
+    try:
+        context = ssl.create_default_context(cafile=args.ca_bundle or certifi.where())
+        if args.client_cert:
+            context.load_cert_chain(args.client_cert, args.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CredentialError(f"cannot load the TLS certificates or key: {exc}") from None
+    return context
+
+
 def client_config(args: argparse.Namespace, secrets: Secrets) -> ClientConfig:
-    cert: str | tuple[str, str] | None = None
-    if args.client_cert:
-        cert = (str(args.client_cert), str(args.client_key)) if args.client_key else \
-            str(args.client_cert)
     return ClientConfig(
         base_url=args.url, qido_url=args.qido_url, wado_url=args.wado_url,
         timeout=args.timeout, connect_timeout=args.connect_timeout,
@@ -273,7 +285,7 @@ def client_config(args: argparse.Namespace, secrets: Secrets) -> ClientConfig:
         headers=dict(parse_header(h) for h in secrets.headers),
         auth=build_auth(secrets=secrets, user=args.user, token_file=args.token_file,
                         token_command=args.token_command, token_lifetime=args.token_lifetime),
-        verify=str(args.ca_bundle) if args.ca_bundle else True, cert=cert)
+        verify=tls_context(args))
 
 
 def _cache_dir_option(parser: argparse.ArgumentParser, *, with_size: bool = False) -> None:
@@ -341,6 +353,7 @@ def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     secrets = gather_secrets(args)
     clean = without_secrets(argv)
+    tls_context(args)  # unreadable certificates fail here, not in a background process
     if not args.foreground:
         log_file = args.log_file or (args.cache_dir / server_folder_name(args.url) / "mount.log")
         return mount.start_background([*clean, "--log-file", str(log_file)], log_file,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dicomfs import __version__, dicomjson
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import (
     BadRequest,
+    CertificateError,
     DicomwebError,
     NotFound,
     ProtocolError,
@@ -88,8 +90,9 @@ class ClientConfig:
     transfer_syntax: str = "*"
     headers: Mapping[str, str] = field(default_factory=dict)
     auth: httpx.Auth | None = None
-    verify: bool | str = True
-    cert: str | None = None
+    # httpx 0.28 sends no client certificate given as cert= next to a CA path (and calls
+    # verify=<path> deprecated): one SSLContext carries the CA bundle and the client chain.
+    verify: bool | ssl.SSLContext = True
 
 
 def _status_error(status: int, message: str, url: str,
@@ -116,6 +119,10 @@ def _translated(url: str) -> Any:
     except httpx.TimeoutException as exc:
         raise Timeout(f"timed out: {type(exc).__name__}", url=url) from exc
     except httpx.ConnectError as exc:
+        rejected = _certificate_failure(exc)
+        if rejected is not None:
+            raise CertificateError(f"the server's TLS certificate is not trusted: {rejected}",
+                                   url=url) from exc
         raise Unreachable(f"cannot connect: {exc}", url=url) from exc
     except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
         raise Truncated(f"connection broke mid-answer: {exc}", url=url) from exc
@@ -123,6 +130,16 @@ def _translated(url: str) -> Any:
         raise ProtocolError(f"undecodable answer: {exc}", url=url) from exc
     except httpx.TransportError as exc:
         raise Unreachable(f"transport error: {exc}", url=url) from exc
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """Why certificate verification failed, when that is what broke the connection."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause.verify_message or str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def query_string(params: Iterable[tuple[str, str]]) -> str:
@@ -161,7 +178,7 @@ class DicomwebClient:
         timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
         self._http = httpx.AsyncClient(
             headers={"User-Agent": USER_AGENT, **config.headers}, auth=config.auth,
-            timeout=timeout, limits=limits, verify=config.verify, cert=config.cert,
+            timeout=timeout, limits=limits, verify=config.verify,
             follow_redirects=True,
         )
 

@@ -47,6 +47,10 @@ class Unreachable(DicomwebError):
     """The connection could not be made: the server is down or the network is."""
 
 
+class CertificateError(DicomwebError):
+    """The server's TLS certificate failed verification: asking again cannot help."""
+
+
 class ProtocolError(DicomwebError):
     """The answer is not what DICOMweb promises: bad JSON, bad multipart, bad framing."""
 

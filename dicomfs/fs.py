@@ -72,6 +72,14 @@ async def _read_only(*_args: Any, **_kwargs: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
+def _pread(blob: Blob, size: int, off: int) -> bytes:
+    """Answer a READ; at debug level say from which cache file ("(deleted)": evicted)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("READ %d bytes at %d from %s", size, off,
+                  os.readlink(f"/proc/self/fd/{blob.fd}"))
+    return os.pread(blob.fd, size, off)
+
+
 class DicomFS(pyfuse3.Operations):
     """pyfuse3 operations over a :class:`Tree`."""
 
@@ -166,11 +174,11 @@ class DicomFS(pyfuse3.Operations):
             blob = self._files.get(fh)
             if not isinstance(blob, int):  # released, or another READ opened it meanwhile
                 try:
-                    return os.pread(opened.fd, size, off)
+                    return _pread(opened, size, off)
                 finally:
                     opened.close()
             blob = self._files[fh] = opened
-        return os.pread(blob.fd, size, off)
+        return _pread(blob, size, off)
 
     async def release(self, fh: int) -> None:
         blob = self._files.pop(fh, None)

@@ -230,6 +230,8 @@ class Store:
             self._pins[rel] -= 1
             if self._pins[rel] <= 0:
                 del self._pins[rel]
+                if self._total > self.max_bytes:  # it was kept over the bound for its reader
+                    self._evict(keep="")
 
     def holds(self, key: Key) -> bool:
         """Whether anything is cached for the study or series a metadata ``key`` names."""

@@ -59,6 +59,7 @@ __all__ = [
     "element",
     "one_series_app",
     "serving",
+    "wait_until",
 ]
 
 MAX_HEAD = 64 * 1024
@@ -66,6 +67,16 @@ SERIES_RETRIEVE = re.compile(r"/studies/[0-9.]+/series/[0-9.]+$")  # WADO-RS of 
 CHUNK = 256 * 1024
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "upgrade",
               "transfer-encoding-hint"}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 # =========================================================================== actions
@@ -194,6 +205,10 @@ class Proxy:
         self._thread = threading.Thread(target=self._accept_loop, name="fake-proxy-accept",
                                         daemon=True)
         self.errors: list[str] = []  # proxy-side surprises, for the failure report
+        self.seen: list[Request] = []  # every request, in arrival order
+        self.open_connections = 0
+        self.peak_connections = 0  # the most client connections open at once
+        self._count_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -224,6 +239,16 @@ class Proxy:
                 return
 
     def _serve(self, conn: socket.socket) -> None:
+        with self._count_lock:
+            self.open_connections += 1
+            self.peak_connections = max(self.peak_connections, self.open_connections)
+        try:
+            self._serve_one(conn)
+        finally:
+            with self._count_lock:
+                self.open_connections -= 1
+
+    def _serve_one(self, conn: socket.socket) -> None:
         conn.settimeout(self.io_timeout)
         reset = False
         try:
@@ -241,6 +266,7 @@ class Proxy:
                     return
                 body += chunk
             request = Request(method, target, {n.lower(): v for n, v in headers})
+            self.seen.append(request)
             action = self.policy(request)
             if isinstance(action, Reset):
                 reset = True

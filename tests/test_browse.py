@@ -8,6 +8,7 @@ answer, never from dicomfs.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -54,11 +55,12 @@ def as_dataset(entry: ArchiveFile) -> dicomjson.Dataset:
             dicomjson.PATIENT_ID: element(entry.patient_id)}
 
 
-def expected_patients(archive: Archive) -> dict[str, set[str]]:
-    """Patient folder -> its StudyInstanceUIDs, from the manifest."""
-    out: dict[str, set[str]] = defaultdict(set)
+def expected_patients(archive: Archive) -> dict[tuple[str, str], set[str]]:
+    """(patient name, patient ID) -> their StudyInstanceUIDs, from the manifest alone."""
+    out: dict[tuple[str, str], set[str]] = defaultdict(set)
     for entry in archive.files:
-        out[names.patient_folder(as_dataset(entry))].add(entry.study_uid)
+        name = entry.patient_name if entry.patient_name.strip("^= ") else ""  # "^^^^" is empty
+        out[(name, entry.patient_id)].add(entry.study_uid)
     return out
 
 
@@ -89,9 +91,17 @@ def test_patients_are_the_archives(mnt: Mount, archive: Archive) -> None:
     (each per its SpecificCharacterSet), with exactly its studies."""
     expected = expected_patients(archive)
     folders = mnt.path / "patients"
-    assert sorted(os.listdir(folders)) == sorted(expected)
-    for folder, studies in expected.items():
-        assert len(os.listdir(folders / folder)) == len(studies), folder
+    listed = os.listdir(folders)
+    assert len(listed) == len(expected)
+    ids = [patient_id for _name, patient_id in expected]
+    for (name, patient_id), studies in expected.items():
+        if not patient_id or ids.count(patient_id) > 1:
+            continue  # named by the name alone, checked by the cases below
+        folder = [f for f in listed if f.endswith(f" ({patient_id})")]
+        assert len(folder) == 1, (patient_id, listed)
+        words = re.findall(r"\w+", name.split("^")[0])  # the family name, less separators
+        assert all(word in folder[0] for word in words), (name, folder)
+        assert len(os.listdir(folders / folder[0])) == len(studies), folder
 
 
 @pytest.mark.parametrize("folder", [
@@ -210,8 +220,14 @@ QUERIES = [
 
 @pytest.mark.parametrize("query", QUERIES)
 def test_query_folder_is_the_servers_answer(mnt: Mount, orthanc: LocalOrthanc,
-                                            query: str) -> None:
-    assert set(os.listdir(mnt.path / "query" / query)) == uids(qido(orthanc, query))
+                                            archive: Archive, query: str) -> None:
+    answer = uids(qido(orthanc, query))
+    assert set(os.listdir(mnt.path / "query" / query)) == answer
+    key, _, value = query.partition("=")
+    if key in ("PatientID", "00100020"):  # the manifest's own answer: a hollow QIDO cannot pass
+        assert answer == {f.study_uid for f in archive.files if f.patient_id == value}
+    else:
+        assert answer, "a query case whose answer is empty proves nothing"
 
 
 def test_query_folders_hold_the_same_files(mnt: Mount, archive: Archive) -> None:

@@ -80,9 +80,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL after ``timeout``; always waits, so files and ports are free."""
-    if proc.poll() is not None:
+    if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
