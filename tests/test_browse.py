@@ -424,6 +424,9 @@ class FakeArchive:
                 if all(dicomjson.text(ds, dicomjson.PATIENT_ID) == v
                        for k, v in query.items() if k == "PatientID")]
 
+    def list_ahead(self, study: str, series: str | None = None) -> None:
+        """Listing ahead asks nothing of its own here: only what the tree asks counts."""
+
 
 def fake_study(uid: str, patient_id: str) -> dicomjson.Dataset:
     return {dicomjson.STUDY_UID: {"vr": "UI", "Value": [uid]},
