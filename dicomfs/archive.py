@@ -35,7 +35,7 @@ from dicomfs.errors import (
 )
 from dicomfs.fetch import FetchEngine, Priority, ServerHealth
 from dicomfs.readahead import Readahead
-from dicomfs.store import Blob, Key, Store
+from dicomfs.store import Blob, Key, OpenFile, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -311,8 +311,9 @@ class Archive:
 
     # -- instances and rendered images ----------------------------------------------
 
-    async def instance(self, study: str, series: str, instance: str) -> Blob:
-        """The instance's stored bytes, from the cache or fetched and verified first.
+    async def instance(self, study: str, series: str, instance: str) -> OpenFile:
+        """The instance's bytes: from the cache, or readable while they arrive once the
+        server has said how many there are (else once fetched and verified whole).
 
         Every open, cached or not, tells read-ahead first, so that the files a
         walking program opens next are on their way while this one arrives.
@@ -323,8 +324,8 @@ class Archive:
         blob = self.store.open(key)
         if blob is not None:
             return blob
-        await self.engine.fetch(key)
-        return await self._open_filled(key)
+        arriving = await self.engine.open(key)
+        return arriving if arriving is not None else await self._open_filled(key)
 
     async def rendered(self, study: str, series: str, instance: str, fmt: str) -> Blob:
         """A rendered PNG or JPEG of the instance, cached like any other entry."""

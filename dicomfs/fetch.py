@@ -95,7 +95,11 @@ class ServerHealth:
 
 @dataclass(eq=False)
 class Transfer:
-    """One instance on its way into the cache."""
+    """One instance on its way into the cache, readable while it arrives.
+
+    Once the part's headers give its length (``size``), what is written so far can
+    be read (``fd``, ``written``); a retry starts the file again from its start.
+    """
 
     key: Key
     priority: Priority
@@ -104,6 +108,37 @@ class Transfer:
     started: bool = False
     waiters: int = 0
     undelivered: bool = False  # a series stream claimed it and ended without it
+    size: int | None = None  # the part's declared length, once its headers are in
+    written: int = 0
+    fd: int = -1  # reads the temporary file being written
+    readers: int = 0  # streaming readers (StreamingBlob) still open
+    progress: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def begin(self, writer: Writer, size: int | None) -> None:
+        """A new attempt's part starts: its bytes become readable as they are written."""
+        if self.size is not None and size is not None and size != self.size:
+            raise ProtocolError(f"the instance was {self.size} bytes, now {size}")
+        self.end()
+        if size is not None:
+            self.size = size
+            self.fd = os.open(writer.path, os.O_RDONLY)
+        self._moved()
+
+    def advance(self, count: int) -> None:
+        self.written += count
+        self._moved()
+
+    def end(self) -> None:
+        """This attempt is over; what it wrote is no longer readable through it."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.written = 0
+
+    def _moved(self) -> None:
+        self.progress.set()
+        self.progress = trio.Event()
 
     def failure(self) -> DicomfsError:
         """A fresh copy of the error for one waiter: exceptions carry tracebacks and
@@ -173,17 +208,43 @@ class FetchEngine:
 
     async def fetch(self, key: Key, priority: Priority = Priority.READER) -> None:
         """Bring ``key`` into the cache, or join the transfer already bringing it."""
+        await self._join(key, priority, streaming=False)
+
+    async def open(self, key: Key) -> StreamingBlob | None:
+        """For a program opening ``key``: a file readable while it arrives, as soon as
+        the server has said how long it is; None once it is in the cache instead (it
+        arrived whole first, or the server gave no length)."""
+        transfer = await self._join(key, Priority.READER, streaming=True)
+        return StreamingBlob(self, transfer) if not transfer.done.is_set() else None
+
+    async def _join(self, key: Key, priority: Priority, *, streaming: bool) -> Transfer:
+        """Wait for ``key`` to arrive, or (``streaming``) to start arriving with a length."""
         while True:
             transfer = self._enqueue(key, priority)
             transfer.waiters += 1
             try:
-                await transfer.done.wait()
+                while not transfer.done.is_set() and not (streaming and transfer.fd >= 0):
+                    await transfer.progress.wait()
             finally:
                 transfer.waiters -= 1
             if not transfer.undelivered:
                 break
         if transfer.error is not None:
             raise transfer.failure()
+        if streaming and not transfer.done.is_set():
+            transfer.readers += 1
+        return transfer
+
+    def abandoned(self, transfer: Transfer) -> None:
+        """A streaming reader closed: with no other reader, nobody waiting and nothing
+        else asking for it (read-ahead, prefetch), the rest is not worth the bytes."""
+        transfer.readers -= 1
+        if transfer.readers or transfer.waiters:
+            return
+        if transfer.done.is_set():
+            transfer.end()
+        elif transfer.priority is Priority.READER and transfer.written < (transfer.size or 0):
+            transfer.scope.cancel()  # (all bytes in: let it be checked and cached)
 
     def stream(self, study: str, series: str, instances: Iterable[str]) -> int:
         """Fetch a series in one streamed request, keeping the ``instances`` that are
@@ -257,8 +318,10 @@ class FetchEngine:
 
     async def _run(self, transfer: Transfer) -> None:
         try:
-            with trio.fail_after(self.deadline):
-                await self._attempts(transfer.key)
+            with transfer.scope, trio.fail_after(self.deadline):
+                await self._attempts(transfer)
+            if transfer.scope.cancelled_caught:
+                transfer.error = DicomfsError("stopped: its last reader closed it")
         except trio.TooSlowError:
             transfer.error = Timeout(f"no complete answer within {self.deadline:g} s")
             self.health.failed(transfer.error)
@@ -274,7 +337,10 @@ class FetchEngine:
     def _land(self, transfer: Transfer) -> None:
         if self._transfers.get(transfer.key) is transfer:
             del self._transfers[transfer.key]
+        if transfer.error is not None or not transfer.readers:
+            transfer.end()  # else the last streaming reader closes it
         transfer.done.set()
+        transfer.progress.set()
         self._wake.set()
 
     async def _stream(self, study: str, series: str, claimed: dict[str, Transfer]) -> None:
@@ -319,11 +385,12 @@ class FetchEngine:
             writer.abort()
             log.warning("series stream: skipped a part (%s)", exc)
 
-    async def _attempts(self, key: Key) -> None:
-        """Fetch ``key`` with at most ``retries`` retries in all, adapting the limit."""
+    async def _attempts(self, transfer: Transfer) -> None:
+        """Fetch an instance with at most ``retries`` retries in all, adapting the limit."""
+        key = transfer.key
         for attempt in itertools.count():
             try:
-                await self._download(key)
+                await self._download(transfer)
             except DicomwebError as exc:
                 if isinstance(exc, Unreachable | Timeout):
                     self.health.failed(exc)
@@ -350,8 +417,10 @@ class FetchEngine:
             self._paused_until = max(self._paused_until, time.monotonic() + pause)
         log.info("server strained (%s): at most %d transfers at once", exc, self.limit)
 
-    async def _download(self, key: Key) -> None:
-        """One request for one instance, into the cache once verified."""
+    async def _download(self, transfer: Transfer) -> None:
+        """One request for one instance, readable as it arrives, into the cache once
+        verified."""
+        key = transfer.key
         writer = self.store.writer()
         try:
             asked = time.monotonic()
@@ -364,15 +433,55 @@ class FetchEngine:
                         parts += 1
                         if parts > 1:
                             raise ProtocolError("an instance answer with several parts")
+                        transfer.begin(writer, self._declared(event.headers))
                     elif isinstance(event, PartData):
                         write_bounded(self.store, writer, event.data)
+                        transfer.advance(len(event.data))
             if parts == 0:
                 raise ProtocolError("an instance answer with no part")
             await verify_instance(writer, key)
             await trio.to_thread.run_sync(self.store.commit, writer, key)
         except BaseException:
             writer.abort()
+            transfer.end()
             raise
+
+    def _declared(self, headers: dict[str, str]) -> int | None:
+        """The part's length, when it says one; refused when the cache could not hold it."""
+        value = headers.get("content-length", "")
+        if not value.isdigit():
+            return None
+        if int(value) > self.store.max_bytes:
+            raise ProtocolError(f"an instance of {value} bytes, larger than the cache "
+                                f"({self.store.max_bytes} bytes); raise --cache-size")
+        return int(value)
+
+
+class StreamingBlob:
+    """An instance open while it arrives: a read waits for the bytes it asks for, and
+    fails (EIO) at the first byte a broken transfer did not bring. Nothing here is
+    cached until the whole file has passed its checks (see :class:`FetchEngine`)."""
+
+    def __init__(self, engine: FetchEngine, transfer: Transfer) -> None:
+        self.engine = engine
+        self.transfer = transfer
+        self.size = transfer.size or 0
+        self._closed = False
+
+    async def read(self, offset: int, size: int) -> bytes:
+        transfer = self.transfer
+        end = min(offset + size, self.size)
+        while True:
+            if transfer.error is not None:
+                raise transfer.failure()
+            if transfer.fd >= 0 and (transfer.written >= end or transfer.done.is_set()):
+                return os.pread(transfer.fd, end - offset, offset) if end > offset else b""
+            await transfer.progress.wait()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.abandoned(self.transfer)
 
 
 def write_bounded(store: Store, writer: Writer, data: bytes) -> None:

@@ -26,7 +26,7 @@ import pyfuse3
 
 from dicomfs.errors import DicomfsError, NotFound, Unauthorized
 from dicomfs.pagecache import PageCache
-from dicomfs.store import Blob
+from dicomfs.store import Blob, OpenFile
 from dicomfs.tree import Node, Tree
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,14 @@ async def _read_only(*_args: Any, **_kwargs: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
-def _pread(blob: Blob, size: int, off: int) -> bytes:
-    """Answer a READ; at debug level say from which cache file ("(deleted)": evicted)."""
+async def _read(blob: OpenFile, size: int, off: int) -> bytes:
+    """Answer a READ; at debug level say from which cache file ("(deleted)": evicted),
+    or that the file is still arriving."""
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("READ %d bytes at %d from %s", size, off,
-                  os.readlink(f"/proc/self/fd/{blob.fd}"))
-    return os.pread(blob.fd, size, off)
+        source = (os.readlink(f"/proc/self/fd/{blob.fd}") if isinstance(blob, Blob)
+                  else "the transfer under way")
+        log.debug("READ %d bytes at %d from %s", size, off, source)
+    return await blob.read(off, size)
 
 
 class DicomFS(pyfuse3.Operations):
@@ -94,7 +96,7 @@ class DicomFS(pyfuse3.Operations):
         self._handles = itertools.count(1)
         # An inode instead of a Blob: opened without a descriptor (the kernel held
         # every page); one is opened if a READ comes after all.
-        self._files: dict[int, Blob | int] = {}
+        self._files: dict[int, OpenFile | int] = {}
         self._folders: dict[int, list[Node]] = {}
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -158,7 +160,7 @@ class DicomFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.tree.node(inode)
-        opened: Blob | int = inode
+        opened: OpenFile | int = inode
         if not self.pages.holds(inode):
             opened = await self.tree.open(inode)
             self.pages.first_open(node, opened)
@@ -174,15 +176,15 @@ class DicomFS(pyfuse3.Operations):
             blob = self._files.get(fh)
             if not isinstance(blob, int):  # released, or another READ opened it meanwhile
                 try:
-                    return _pread(opened, size, off)
+                    return await _read(opened, size, off)
                 finally:
                     opened.close()
             blob = self._files[fh] = opened
-        return _pread(blob, size, off)
+        return await _read(blob, size, off)
 
     async def release(self, fh: int) -> None:
         blob = self._files.pop(fh, None)
-        if isinstance(blob, Blob):
+        if blob is not None and not isinstance(blob, int):
             blob.close()
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:

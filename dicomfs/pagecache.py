@@ -24,7 +24,7 @@ import mmap
 
 import pyfuse3
 
-from dicomfs.store import Blob
+from dicomfs.store import Blob, OpenFile
 from dicomfs.tree import Node
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,14 @@ class PageCache:
         self._held.discard(inode)
         self._told.pop(inode, None)
 
-    def first_open(self, node: Node, blob: Blob) -> None:
+    def first_open(self, node: Node, blob: OpenFile) -> None:
         """Bring the kernel's view of a file just opened (not held) in line with ``blob``.
 
         Pushing the pages also sets the exact size; when that is impossible or not
         worth it, the kernel is made to ask for the size again before trusting one.
         """
         told = self._told.get(node.inode)
-        if (node.immutable and blob.size <= PUSH_AT_OPEN_BYTES
+        if (node.immutable and isinstance(blob, Blob) and blob.size <= PUSH_AT_OPEN_BYTES
                 and told is not None and told <= blob.size and push(node.inode, blob)):
             self._held.add(node.inode)
         elif told != blob.size:

@@ -89,6 +89,8 @@ class Readahead:
         self.listing = listing
         self.max_window = max(1, max_window)
         self._walks: cachetools.LRUCache[tuple[str, str], _Walk] = cachetools.LRUCache(WALKS)
+        self._first_opens: cachetools.LRUCache[tuple[str, str], str] = \
+            cachetools.LRUCache(WALKS)
         self._send, self._receive = trio.open_memory_channel[Key](math.inf)
 
     def opened(self, key: Key) -> None:
@@ -108,7 +110,14 @@ class Readahead:
         study, series, instance = key.study, key.series or "", key.instance or ""
         walk = self._walks.get((study, series))
         if walk is None:
+            # One open is no walk: a person opening one image, or a path opened by name,
+            # must not cost the listing of a series of thousands. The second one is.
+            first = self._first_opens.pop((study, series), None)
+            if first is None:
+                self._first_opens[study, series] = instance
+                return
             walk = self._walks[study, series] = _Walk.of(await self.listing(study, series))
+            walk.last = first if first in walk.positions[0] else None
         if instance not in walk.positions[0]:
             return
         walk.size = self.store.size(key) or walk.size

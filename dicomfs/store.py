@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from dicomfs.errors import CacheError
@@ -61,6 +62,17 @@ class Key:
         return "/".join(parts)
 
 
+class OpenFile(Protocol):
+    """A file open for reading: a cache entry (:class:`Blob`), or an instance still
+    arriving (``fetch.StreamingBlob``)."""
+
+    size: int
+
+    async def read(self, offset: int, size: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Blob:
     """An open, read-only cache entry; the store does not evict it while it is open."""
@@ -68,6 +80,9 @@ class Blob:
     fd: int
     size: int
     on_close: Callable[[], None] | None = None
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
 
     def close(self) -> None:
         os.close(self.fd)

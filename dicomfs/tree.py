@@ -41,7 +41,7 @@ from dicomfs.archive import Archive
 from dicomfs.capabilities import Capabilities
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import BadRequest, DicomfsError
-from dicomfs.store import Blob, Key
+from dicomfs.store import Blob, Key, OpenFile
 from dicomfs.uids import is_uid
 
 log = logging.getLogger(__name__)
@@ -523,7 +523,7 @@ class Tree:
 
     # -- files ------------------------------------------------------------------------------
 
-    async def open(self, inode: int) -> Blob:
+    async def open(self, inode: int) -> OpenFile:
         """The file's bytes, fetched (and cached) on first open; the size becomes exact."""
         node = self.node(inode)
         if node.kind is Kind.INSTANCE:
