@@ -36,6 +36,7 @@ import httpx
 import pydicom
 import pytest
 import trio
+from conftest import wait_until
 from fakes import (
     TOKEN_COMMAND,
     Proxy,
@@ -99,15 +100,6 @@ def proc_text(pid: int, name: str) -> str:
             "utf-8", "replace")
     except OSError:
         return ""
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def tree(root: Path, *, skip: Iterable[Path] = (), max_depth: int = 12) -> set[str]:
