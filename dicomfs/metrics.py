@@ -30,6 +30,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -37,6 +38,7 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
+disable_created_metrics()  # the *_created series double the output and tell nothing here
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 # From a QIDO page on loopback (milliseconds) to a series of thousands of slices (minutes).
