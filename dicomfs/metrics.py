@@ -267,5 +267,7 @@ async def _answer(stream: trio.SocketStream) -> None:
             + (body if method != b"HEAD" else b""))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         log.debug("metrics request: %s", exc)
+    except Exception:  # monitoring must never end the mount
+        log.exception("metrics request failed")
     finally:
         await stream.aclose()

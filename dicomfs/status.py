@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from dicomfs import metrics
+from dicomfs.errors import CacheError
 from dicomfs.progress import human_bytes
 from dicomfs.store import Store, pid_alive
 
@@ -115,8 +116,11 @@ class Publisher:
                 changed = {k: v for k, v in figures.items() if k != "window_seconds"}
                 if changed != last:
                     data = json.dumps({**figures, "written": time.time()}).encode()
-                    await trio.to_thread.run_sync(self.store.save_note, name, data)
-                    last = changed
+                    try:
+                        await trio.to_thread.run_sync(self.store.save_note, name, data)
+                        last = changed
+                    except CacheError as exc:  # a full disk: the mount goes on regardless
+                        log.debug("status file not written: %s", exc)
                 await trio.sleep(INTERVAL)
         finally:
             with contextlib.suppress(OSError):

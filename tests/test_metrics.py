@@ -21,10 +21,11 @@ import pytest
 from conftest import REPO_ROOT, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+from dicomfs.cli import fuse_helper_argv
 from dicomfs.demo import Archive, LocalOrthanc
 from dicomfs.demo.netem import LinkProxy, _ResponseBodies
 from dicomfs.demo.orthanc import free_port
-from dicomfs.metrics import KINDS, request_kind
+from dicomfs.metrics import KINDS, parse_address, request_kind
 
 SETTLE = 30.0  # seconds for background requests (read-ahead, listing ahead) to end
 DICOMWEB = "/dicom-web"
@@ -61,6 +62,18 @@ DICOMWEB = "/dicom-web"
 def test_request_kind(path: str, kind: str) -> None:
     assert request_kind(path) == kind
     assert kind in KINDS
+
+
+def test_metrics_address_and_log_format_in_fstab_form() -> None:
+    assert parse_address("127.0.0.1:9400") == ("127.0.0.1", 9400)
+    assert parse_address("[::1]:9400") == ("::1", 9400)
+    for bad in ("9400", ":9400", "host:", "host:http", "host:70000"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+    argv = fuse_helper_argv(["http://pacs/dicom-web", "/mnt/pacs", "-o",
+                             "allow_other,metrics_address=127.0.0.1:9400,log_format=json"])
+    assert argv == ["mount", "http://pacs/dicom-web", "/mnt/pacs", "--metrics-address",
+                    "127.0.0.1:9400", "--log-format", "json", "-o", "allow_other"]
 
 
 def test_response_bodies_counts_bodies_however_framed() -> None:
