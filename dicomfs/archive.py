@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import cachetools
 import trio
 
-from dicomfs import dicomjson
+from dicomfs import dicomjson, metrics
 from dicomfs.client import DicomwebClient, Query
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import (
@@ -271,6 +271,7 @@ class Archive:
                      series or study)
             blob.close()
             blob = None
+        metrics.cache_open("metadata", blob is not None)
         if blob is not None:
             return blob
         try:
@@ -322,6 +323,7 @@ class Archive:
         if self.readahead is not None:
             self.readahead.opened(key)
         blob = self.store.open(key)
+        metrics.cache_open("instance", blob is not None)
         if blob is not None:
             return blob
         arriving = await self.engine.open(key)
@@ -331,6 +333,7 @@ class Archive:
         """A rendered PNG or JPEG of the instance, cached like any other entry."""
         key = Key(study, series, instance, fmt)
         blob = self.store.open(key)
+        metrics.cache_open("rendered", blob is not None)
         if blob is not None:
             return blob
         await self._single_flight(key, lambda: self._fetch_rendered(key))

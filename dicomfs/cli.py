@@ -8,7 +8,9 @@ read as ``dicomfs mount``, with our own settings accepted as ``-o`` options.
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
+import json
 import logging
 import os
 import re
@@ -20,7 +22,7 @@ from typing import Any
 
 import certifi
 
-from dicomfs import __version__
+from dicomfs import __version__, metrics
 from dicomfs.auth import (
     CredentialError,
     Secrets,
@@ -34,7 +36,7 @@ from dicomfs.names import InvalidQuery, query_key
 from dicomfs.store import server_folder_name
 from dicomfs.uids import is_uid
 
-COMMANDS = {"mount", "unmount", "cache", "prefetch", "-h", "--help", "--version"}
+COMMANDS = {"mount", "unmount", "cache", "prefetch", "status", "-h", "--help", "--version"}
 # Options mount(8) and mount.fuse3 hand to a helper that mean nothing to a read-only FUSE mount.
 IGNORED_MOUNT_OPTIONS = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec",
                          "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
@@ -87,6 +89,13 @@ def query_term(text: str) -> tuple[str, str]:
         ) from None
 
 
+def metrics_address(text: str) -> tuple[str, int]:
+    try:
+        return metrics.parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def uid_argument(text: str) -> str:
     if not is_uid(text):
         raise argparse.ArgumentTypeError(f"not a DICOM UID: {text!r}")
@@ -125,11 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stay attached and log to stderr")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                        help="FUSE mount options, comma separated (allow_other, ...)")
-    mount.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+    _log_options(mount, default_level="info")
     mount.add_argument("--log-file", type=Path, metavar="FILE",
                        help="log here (default: stderr in the foreground, else mount.log "
                        "in the server's cache folder)")
+    mount.add_argument("--metrics-address", type=metrics_address, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                       "(default: off; they hold no patient data, but anyone who reaches "
+                       "HOST may read them)")
     _client_options(mount)
     mount.add_argument("--query", action="append", type=query_term, default=[],
                        metavar="KEY=VALUE", help="show only the studies matching this QIDO "
@@ -146,9 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("study", type=uid_argument, metavar="STUDY_UID")
     prefetch.add_argument("series", type=uid_argument, nargs="?", metavar="SERIES_UID")
     _cache_dir_option(prefetch, with_size=True)
-    prefetch.add_argument("--log-level", default="warning",
-                          choices=["debug", "info", "warning", "error"])
+    _log_options(prefetch, default_level="warning")
     _client_options(prefetch)
+
+    status = commands.add_parser(
+        "status", help="what each running mount is doing",
+        description="Show each running dicomfs mount of yours whose cache is below the cache "
+        "folder: server, cache use, uptime, requests, throughput, cache hits, transfers, "
+        "last errors.")
+    status.add_argument("mountpoint", type=Path, nargs="?", metavar="MOUNTPOINT",
+                        help="only this mount")
+    status.add_argument("--json", action="store_true", help="one JSON object per mount, "
+                        "in a list, for scripts")
+    _cache_dir_option(status)
 
     unmount = commands.add_parser("unmount", help="unmount a dicomfs mount")
     unmount.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
@@ -163,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("url", type=url, nargs="?", metavar="URL",
                        help="only this server's data (default: all)")
     return parser
+
+
+def _log_options(parser: argparse.ArgumentParser, *, default_level: str) -> None:
+    parser.add_argument("--log-level", default=default_level,
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text (default) or json: one JSON object per line, for log "
+                        "shippers")
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -329,15 +359,31 @@ OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file"
                "page-concurrency",
                "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid",
                "token-file", "token-command", "token-lifetime", "user", "password-file",
-               "ca-bundle", "client-cert", "client-key", "query"}
+               "ca-bundle", "client-cert", "client-key", "query", "log-format",
+               "metrics-address"}
 
 
-def setup_logging(level: str, log_file: Path | None) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message and, when
+    there is one, the exception's traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+                 .isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_file: Path | None, log_format: str = "text") -> None:
     if log_file:  # private from the start: a log names studies and servers
         os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     handler: logging.Handler = (logging.FileHandler(log_file) if log_file
                                 else logging.StreamHandler())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # httpx logs every request URL at INFO, and a query URL can carry patient IDs:
     # those lines are for debugging only. httpcore's byte-level chatter never helps.
@@ -362,13 +408,14 @@ def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
         fd = send_secrets(secrets)
         os.execv(sys.executable, [sys.executable, "-m", "dicomfs", *clean,
                                   "--secrets-fd", str(fd)])
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, args.log_format)
     fuse_options = [o for group in args.options for o in group.split(",") if o]
     options = mount.MountOptions(
         client=client_config(args, secrets),
         mountpoint=args.mountpoint.resolve(), cache_dir=args.cache_dir.resolve(),
         cache_size=args.cache_size, listing_ttl=args.listing_ttl, deadline=args.deadline,
-        fuse_options=fuse_options, uid=args.uid, gid=args.gid, scope=dict(args.query))
+        fuse_options=fuse_options, uid=args.uid, gid=args.gid, scope=dict(args.query),
+        metrics_address=args.metrics_address)
     return mount.run_foreground(options, ready_fd=args.ready_fd)
 
 
@@ -412,7 +459,30 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return run_cache(args)
     if args.command == "prefetch":
         return run_prefetch(args)
+    if args.command == "status":
+        return run_status(args)
     return 2
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from dicomfs import status
+
+    wanted = str(args.mountpoint.resolve()) if args.mountpoint else None
+    found = [f for f in status.running(args.cache_dir)
+             if wanted is None or f["mountpoint"] == wanted]
+    shown = {f["mountpoint"] for f in found}
+    # Mounts whose cache folder is elsewhere are running all the same: say so.
+    elsewhere = [m for m in status.dicomfs_mounts()
+                 if m not in shown and (wanted is None or m == wanted)]
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        print("\n\n".join(status.describe(f) for f in found) if found else
+              f"no running mount with its cache below {args.cache_dir}")
+        for mountpoint in elsewhere:
+            print(f"{mountpoint}: mounted, but its cache folder is not below "
+                  f"{args.cache_dir} (give --cache-dir)")
+    return 1 if wanted is not None and not found else 0
 
 
 def run_prefetch(args: argparse.Namespace) -> int:
@@ -425,7 +495,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
     from dicomfs.prefetch import prefetch
     from dicomfs.store import Store
 
-    setup_logging(args.log_level, None)
+    setup_logging(args.log_level, None, args.log_format)
     try:
         store = Store.for_server(args.cache_dir, args.url, max_bytes=args.cache_size)
     except OSError as exc:

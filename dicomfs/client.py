@@ -21,7 +21,7 @@ import httpx
 import trio
 from httpcore._async.http11 import AsyncHTTP11Connection
 
-from dicomfs import __version__, dicomjson
+from dicomfs import __version__, dicomjson, metrics
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import (
     BadRequest,
@@ -179,7 +179,7 @@ class DicomwebClient:
         self._http = httpx.AsyncClient(
             headers={"User-Agent": USER_AGENT, **config.headers}, auth=config.auth,
             timeout=timeout, limits=limits, verify=config.verify,
-            follow_redirects=True,
+            follow_redirects=True, event_hooks=metrics.http_event_hooks(),
         )
 
     async def __aenter__(self) -> DicomwebClient:
@@ -223,7 +223,11 @@ class DicomwebClient:
             headers["Accept-Encoding"] = encoding
         with _translated(url):
             request = self._http.build_request("GET", url, params=params, headers=headers)
-            response = await self._http.send(request, stream=True)
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TransportError:
+                metrics.request_failed(url)
+                raise
         if response.status_code < 400:
             return response
         body = b""

@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from dicomfs import metrics
 from dicomfs.errors import DicomfsError, NotFound, Unauthorized
 from dicomfs.pagecache import PageCache
 from dicomfs.store import Blob, OpenFile
@@ -64,6 +65,23 @@ def _errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except Exception:
             log.exception("%s failed unexpectedly", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return _counted(wrapper)
+
+
+def _counted(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Count every call of a handler and every errno it answers (dicomfs.metrics)."""
+    name = handler.__name__
+    calls = metrics.FUSE_OPERATIONS.labels(name)
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        calls.inc()
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            metrics.fuse_error(name, exc.errno)
+            raise
 
     return wrapper
 
@@ -152,6 +170,7 @@ class DicomFS(pyfuse3.Operations):
                                          self.attributes(child), index + 1):
                 break
 
+    @_errno
     async def releasedir(self, fh: int) -> None:
         self._folders.pop(fh, None)
 
@@ -182,6 +201,7 @@ class DicomFS(pyfuse3.Operations):
             blob = self._files[fh] = opened
         return await _read(blob, size, off)
 
+    @_errno
     async def release(self, fh: int) -> None:
         blob = self._files.pop(fh, None)
         if blob is not None and not isinstance(blob, int):
@@ -198,6 +218,7 @@ class DicomFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
+    @_errno
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = BLOCK

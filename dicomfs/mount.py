@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from dicomfs import capabilities
+from dicomfs import capabilities, metrics, status
 from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import DicomfsError, Unauthorized
@@ -54,6 +54,7 @@ class MountOptions:
     uid: int | None = None
     gid: int | None = None
     scope: dict[str, str] = field(default_factory=dict)
+    metrics_address: tuple[str, int] | None = None
 
 
 class MountError(DicomfsError):
@@ -91,20 +92,43 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
         except ValueError as exc:
             raise MountError(f"bad --query: {exc}") from None
         operations = DicomFS(tree, uid=options.uid, gid=options.gid)
+        listeners = await _metrics_listeners(options.metrics_address)
+        metrics.watch(archive.engine, store)
+        recent = status.RecentLog()
+        publisher = status.Publisher(store, status.MountInfo(
+            options.client.base_url, str(options.mountpoint),
+            metrics.bound_address(listeners) if listeners else None), recent)
         try:
             pyfuse3.init(operations, str(options.mountpoint), sorted(fuse_options))
         except RuntimeError as exc:
             raise MountError(f"cannot mount at {options.mountpoint}: {exc}") from None
+        logging.getLogger().addHandler(recent)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_unmount_on_signal, nursery.cancel_scope)
                 nursery.start_soon(_report_ready, options.mountpoint, ready)
                 await nursery.start(archive.run)
+                nursery.start_soon(publisher.run)
+                if listeners:
+                    nursery.start_soon(metrics.serve, listeners)
+                    log.info("metrics at %s", publisher.info.metrics)
                 await pyfuse3.main(max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()
         finally:
+            logging.getLogger().removeHandler(recent)
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", options.mountpoint)
+
+
+async def _metrics_listeners(address: tuple[str, int] | None) -> list[trio.SocketListener]:
+    """The metrics endpoint's sockets, bound before mounting: a taken port fails the mount."""
+    if address is None:
+        return []
+    try:
+        return await metrics.open_listeners(address)
+    except OSError as exc:
+        raise MountError(f"cannot serve metrics at {address[0]}:{address[1]}: {exc}"
+                         ) from None
 
 
 async def _check_server(client: DicomwebClient, store: Store) -> None:

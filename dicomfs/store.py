@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from dicomfs import metrics
 from dicomfs.errors import CacheError
 from dicomfs.uids import check_uid
 
@@ -203,7 +204,7 @@ class Store:
         now = time.time()
         for entry in os.scandir(self._temp):
             pid = entry.name.split(".", 1)[0]
-            alive = pid.isdigit() and _pid_alive(int(pid))
+            alive = pid.isdigit() and pid_alive(int(pid))
             with contextlib.suppress(FileNotFoundError):
                 if not alive or now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
                     os.unlink(entry.path)
@@ -255,6 +256,11 @@ class Store:
     def size(self, key: Key) -> int | None:
         """The entry's size if this process knows it is cached (no disk access)."""
         return self._sizes.get(key.relpath())
+
+    @property
+    def used(self) -> int:
+        """Bytes in the entries this process knows of (the bound counts these)."""
+        return self._total
 
     def capacity(self) -> int:
         """How many bytes the cache can hold now: its bound, or what the disk has room
@@ -374,6 +380,7 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._objects / rel)
                 free += size
+            metrics.CACHE_EVICTIONS.inc()
             log.debug("evicted %s (%d bytes)", rel, size)
 
     def _victims(self, keep: str) -> Iterator[str]:
@@ -400,7 +407,7 @@ def _make_dirs(base: Path, folder: Path) -> None:
             current.mkdir(mode=0o700)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -36,6 +36,7 @@ import httpx
 import pydicom
 import pytest
 import trio
+from conftest import wait_until
 from fakes import (
     TOKEN_COMMAND,
     Proxy,

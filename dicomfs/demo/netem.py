@@ -16,7 +16,8 @@ slows the sender as TCP's window would, instead of the proxy buffering a whole a
 Not modelled: slow start, loss, link-wide contention between connections.
 
 It runs an asyncio loop in a background thread (the caller's thread stays free), and
-counts what tests and benchmarks need: bytes each way, connections, HTTP request lines.
+counts what tests and benchmarks need: bytes each way, response body bytes, connections,
+HTTP request lines.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Counters:
     """What crossed the proxy since the start or the last :meth:`LinkProxy.reset`."""
 
     bytes_down: int = 0  # sent by the server (read from it), towards the client
+    body_bytes_down: int = 0  # of which response bodies (no status lines, headers, framing)
     bytes_up: int = 0  # sent by the client (read from it), towards the server
     connections: int = 0
     request_lines: list[str] = field(default_factory=list)
@@ -108,6 +110,81 @@ class _RequestLines:
         if len(self._line) < MAX_LINE:
             self._line += data[start:][: MAX_LINE - len(self._line)]
         return found
+
+
+class _ResponseBodies:
+    """Counts the body bytes of the HTTP/1.1 responses in one server->client stream: what
+    a client keeps once the status line, the headers and any chunked framing are off.
+
+    Bodies framed by Content-Length, chunked, or running to the end of the connection.
+    Assumes answers to GET (like _RequestLines): a 1xx, 204 or 304 has no body.
+    """
+
+    def __init__(self) -> None:
+        self._line = bytearray()
+        self._state = "status"  # status, headers, body, size, data, data-end, trailer
+        self._left = -1  # body or chunk bytes still to come; -1: until the end
+        self._length: int | None = None
+        self._chunked = False
+        self._bodiless = False
+
+    def feed(self, data: bytes) -> int:
+        body = 0
+        view = memoryview(data)
+        while view:
+            if self._state in ("body", "data"):
+                take = len(view) if self._left < 0 else min(self._left, len(view))
+                body += take
+                view = view[take:]
+                if self._left >= 0:
+                    self._left -= take
+                    if self._left == 0:
+                        self._state = "data-end" if self._state == "data" else "status"
+                continue
+            end = bytes(view[:MAX_LINE]).find(b"\n")
+            if end < 0:
+                self._line += view
+                break
+            self._line += view[:end]
+            view = view[end + 1:]
+            line = bytes(self._line).rstrip(b"\r")
+            self._line.clear()
+            self._line_done(line)
+        return body
+
+    def _line_done(self, line: bytes) -> None:
+        if self._state == "status":
+            if line:
+                code = line.split()[1] if len(line.split()) > 1 else b""
+                self._bodiless = code.startswith(b"1") or code in (b"204", b"304")
+                self._length, self._chunked, self._state = None, False, "headers"
+        elif self._state == "headers":
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                self._length = int(value.strip())
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                self._chunked = True
+            elif not line:
+                self._start_body()
+        elif self._state == "size":
+            self._left = int(line.split(b";")[0].strip() or b"0", 16)
+            self._state = "data" if self._left else "trailer"
+        elif self._state == "data-end":
+            self._state = "size"
+        elif self._state == "trailer" and not line:
+            self._state = "status"
+
+    def _start_body(self) -> None:
+        if self._bodiless:
+            self._state = "status"
+        elif self._chunked:
+            self._state = "size"
+        elif self._length is not None:
+            self._left = self._length
+            self._state = "body" if self._length else "status"
+        else:
+            self._left, self._state = -1, "body"
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -266,6 +343,7 @@ class LinkProxy:
             return
         self._writers.add(server_w)
         lines = _RequestLines()
+        bodies = _ResponseBodies()
 
         def up(data: bytes) -> None:
             found = lines.feed(data)
@@ -274,8 +352,10 @@ class LinkProxy:
                 self.counters.request_lines.extend(found)
 
         def down(data: bytes) -> None:
+            body = bodies.feed(data)
             with self._lock:
                 self.counters.bytes_down += len(data)
+                self.counters.body_bytes_down += body
 
         # the handshake: the client's first bytes leave one round trip after accept
         pumps = [loop.create_task(self._direction(client_r, server_w, up,
