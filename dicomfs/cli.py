@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--query", action="append", type=query_term, default=[],
                        metavar="KEY=VALUE", help="show only the studies matching this QIDO "
                        "match (repeatable), e.g. PatientID=123 or StudyDate=20240101-20241231")
+    mount.add_argument("--allow-upload", action="store_true",
+                       help="accept files copied into /upload and store them on the server "
+                       "(STOW-RS); everything else stays read-only")
+    mount.add_argument("--upload-max-size", type=parse_size, default=parse_size("4G"),
+                       metavar="SIZE", help="largest file /upload accepts (default 4G)")
     mount.add_argument("--uid", type=int, help="owner of every file (default: you)")
     mount.add_argument("--gid", type=int, help="group of every file (default: yours)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -317,7 +322,8 @@ OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file"
                "page-concurrency",
                "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid",
                "token-file", "token-command", "token-lifetime", "user", "password-file",
-               "ca-bundle", "client-cert", "client-key", "query"}
+               "ca-bundle", "client-cert", "client-key", "query", "allow-upload",
+               "upload-max-size"}
 
 
 def setup_logging(level: str, log_file: Path | None) -> None:
@@ -355,7 +361,8 @@ def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
         client=client_config(args, secrets),
         mountpoint=args.mountpoint.resolve(), cache_dir=args.cache_dir.resolve(),
         cache_size=args.cache_size, listing_ttl=args.listing_ttl, deadline=args.deadline,
-        fuse_options=fuse_options, uid=args.uid, gid=args.gid, scope=dict(args.query))
+        fuse_options=fuse_options, uid=args.uid, gid=args.gid, scope=dict(args.query),
+        allow_upload=args.allow_upload, upload_max_size=args.upload_max_size)
     return mount.run_foreground(options, ready_fd=args.ready_fd)
 
 
