@@ -334,8 +334,11 @@ class Uploads:
     # -- leaving /upload ----------------------------------------------------------------
 
     def _vanish(self, entry: _Entry) -> None:
-        """Hide a stored file, and every folder that storing it left empty."""
+        """Hide a stored file, and every folder that storing it left empty. The file
+        lingers empty: a tool that compares sizes (rsync) must not take a new file of
+        the same name, copied while it lingers, for one already there."""
         now = time.monotonic()
+        entry.node.size = 0
         current = entry
         while current.parent is not None:  # /upload itself stays
             if current.children is not None and \
