@@ -210,10 +210,11 @@ class Uploads:
         entry = self.entry(node)
         if entry.children is not None:
             raise IsADirectoryError(node.name)
-        if write:
+        if write and entry.state is State.UPLOADING:
+            raise OSError(errno.EBUSY, "being stored on the server")
+        if write and truncate:  # opened without: nothing changes before a write
             self._writable(entry)
-            if truncate:
-                self._truncate(entry, 0)
+            self._truncate(entry, 0)
         entry.opens += 1
 
     def read(self, node: Node, offset: int, size: int) -> bytes:
