@@ -12,11 +12,11 @@ import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -42,6 +42,7 @@ from dicomfs.multipart import Event, PartData, PartEnd, PartStart, iter_events, 
 from dicomfs.uids import check_uid
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 USER_AGENT = f"dicomfs/{__version__}"
@@ -207,11 +208,16 @@ class DicomwebClient:
         With ``retry`` off the caller runs the retries (the fetch engine, which
         also adapts its connection count to what it sees).
         """
+        return await self._retrying(
+            lambda: self._send_once(url, accept=accept, params=params, encoding=encoding),
+            retry=retry)
+
+    async def _retrying(self, once: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+        """``once()``, run again after failures worth retrying, at most ``retries`` times."""
         attempt = 0
         while True:
             try:
-                return await self._send_once(url, accept=accept, params=params,
-                                             encoding=encoding)
+                return await once()
             except DicomwebError as exc:
                 if not retry or not retryable(exc) or attempt >= self.config.retries:
                     raise
@@ -488,18 +494,7 @@ class DicomwebClient:
         body = _MultipartFiles(paths)
         headers = {"Content-Type": f"{MULTIPART_DICOM}; boundary={body.boundary}",
                    "Content-Length": str(body.length), "Accept": "application/dicom+json"}
-        attempt = 0
-        while True:
-            try:
-                return await self._stow_once(url, body, headers)
-            except DicomwebError as exc:
-                if not retryable(exc) or attempt >= self.config.retries:
-                    raise
-                delay = backoff(attempt, exc)
-                attempt += 1
-                log.warning("STOW-RS: retrying in %.1fs (%d/%d) after: %s", delay, attempt,
-                            self.config.retries, exc)
-                await trio.sleep(delay)
+        return await self._retrying(lambda: self._stow_once(url, body, headers))
 
     async def _stow_once(self, url: str, body: _MultipartFiles,
                          headers: dict[str, str]) -> StowResult:

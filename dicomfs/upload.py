@@ -61,7 +61,6 @@ class _Entry:
     state: State = State.WRITING
     dirty: bool = False  # written since the last upload attempt
     opens: int = 0
-    reason: str = ""
     gone_since: float | None = None  # stored, or emptied by storing: hidden, lingering
     removed: bool = False
 
@@ -288,7 +287,7 @@ class Uploads:
         try:
             sop, study, series = await self._send(entry, entry.writer)
         except DicomfsError as exc:
-            entry.state, entry.reason = State.FAILED, str(exc)
+            entry.state = State.FAILED
             log.error("upload %s not stored: %s", entry.path, exc)
             raise
         except BaseException:
