@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 from fakes import FakeServer, Reply, Seen, serving
 
+from dicomfs.cli import build_parser, fuse_helper_argv
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.demo import LocalOrthanc, demo_uid
 from dicomfs.demo.tiny import tiny_instance
@@ -155,6 +156,15 @@ def test_writes_elsewhere_and_without_the_option_are_refused(
         (writable.path / "upload").rmdir()
     assert refused.value.errno == errno.EROFS
     assert server.stored_sop_uids() == set()
+
+
+def test_fstab_form_takes_the_upload_options() -> None:
+    """``mount -t fuse.dicomfs URL DIR -o allow_upload,upload_max_size=1G`` (fstab)."""
+    argv = fuse_helper_argv(["http://pacs/dicom-web", "/mnt/pacs", "-o",
+                             "rw,allow_upload,upload_max_size=1G,allow_other"])
+    args = build_parser().parse_args(argv)
+    assert args.allow_upload and args.upload_max_size == 1024**3
+    assert args.options == ["allow_other"]
 
 
 def stow_refusing(status: int, reason_code: int) -> tuple[FakeServer, list[Seen]]:
