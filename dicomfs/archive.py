@@ -225,6 +225,18 @@ class Archive:
             log.warning("serving a saved listing (%s)", exc)
             return await self._remember(name, saved[0])
 
+    def forget_listings(self, study: str, series: str, instance: str) -> None:
+        """Drop every listing an instance just stored makes stale, in memory and saved:
+        the study listings (and searches), its study's series, its series' instances,
+        and the lookups by UID that may have found nothing before."""
+        names = {name for name in self._listings if name.startswith("studies?")}
+        names |= {"studies?[]", f"study/{study}", f"series/{study}",
+                  f"series/{study}/{series}", f"instances/{study}/{series}",
+                  f"instance/{study}/{series}/{instance}"}
+        for name in names:
+            self._listings.pop(name, None)
+            self.store.drop_listing(name)
+
     async def _at_hand(self, name: str) -> list[Dataset] | None:
         """A listing from memory or from a saved copy younger than the TTL; no request."""
         cached = self._listings.get(name)

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--query", action="append", type=query_term, default=[],
                        metavar="KEY=VALUE", help="show only the studies matching this QIDO "
                        "match (repeatable), e.g. PatientID=123 or StudyDate=20240101-20241231")
+    mount.add_argument("--allow-upload", action="store_true",
+                       help="accept files copied into /upload and store them on the server "
+                       "(STOW-RS); everything else stays read-only")
+    mount.add_argument("--upload-max-size", type=parse_size, default=parse_size("4G"),
+                       metavar="SIZE", help="largest file /upload accepts (default 4G)")
     mount.add_argument("--uid", type=int, help="owner of every file (default: you)")
     mount.add_argument("--gid", type=int, help="group of every file (default: yours)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -360,7 +365,7 @@ OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file"
                "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid",
                "token-file", "token-command", "token-lifetime", "user", "password-file",
                "ca-bundle", "client-cert", "client-key", "query", "log-format",
-               "metrics-address"}
+               "metrics-address", "allow-upload", "upload-max-size"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -415,7 +420,8 @@ def run_mount(args: argparse.Namespace, argv: list[str]) -> int:
         mountpoint=args.mountpoint.resolve(), cache_dir=args.cache_dir.resolve(),
         cache_size=args.cache_size, listing_ttl=args.listing_ttl, deadline=args.deadline,
         fuse_options=fuse_options, uid=args.uid, gid=args.gid, scope=dict(args.query),
-        metrics_address=args.metrics_address)
+        metrics_address=args.metrics_address, allow_upload=args.allow_upload,
+        upload_max_size=args.upload_max_size)
     return mount.run_foreground(options, ready_fd=args.ready_fd)
 
 

@@ -8,13 +8,16 @@ a series is never held in memory. Failures surface as the typed errors of
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -26,11 +29,13 @@ from dicomfs.dicomjson import Dataset
 from dicomfs.errors import (
     BadRequest,
     CertificateError,
+    Conflict,
     DicomwebError,
     NotFound,
     ProtocolError,
     ServerError,
     Timeout,
+    TooLarge,
     Truncated,
     Unauthorized,
     Unreachable,
@@ -39,11 +44,25 @@ from dicomfs.multipart import Event, PartData, PartEnd, PartStart, iter_events, 
 from dicomfs.uids import check_uid
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 USER_AGENT = f"dicomfs/{__version__}"
 MAX_JSON_BYTES = 512 * 1024 * 1024
 MAX_ERROR_TEXT = 500
+MAX_STOW_ANSWER = 16 * 1024 * 1024
+STOW_CHUNK = 1024 * 1024
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE = "00081155"
+FAILURE_REASON = "00081197"
+# STOW-RS failure reasons (PS3.18 and PS3.4 status codes) a person can act on.
+FAILURE_REASONS = {
+    0x0110: "processing failure", 0x0111: "duplicate SOP instance",
+    0x0122: "SOP class not supported", 0x0124: "not authorized",
+    0xA700: "out of resources", 0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+}
 
 # QIDO return keys worth asking for: they name, date and size the files we show.
 INSTANCE_FIELDS = (
@@ -105,6 +124,10 @@ def _status_error(status: int, message: str, url: str,
         kind = Unauthorized
     elif status >= 500 or status in (408, 429):
         kind = ServerError
+    elif status == 409:
+        kind = Conflict
+    elif status == 413:
+        kind = TooLarge
     else:
         kind = BadRequest
     return kind(f"HTTP {status}: {message}" if message else f"HTTP {status}", status=status,
@@ -170,7 +193,7 @@ class DicomwebClient:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        base = config.base_url.rstrip("/")
+        base = self._base = config.base_url.rstrip("/")
         self._qido = (config.qido_url or base).rstrip("/")
         self._wado = (config.wado_url or base).rstrip("/")
         limits = httpx.Limits(max_connections=config.max_connections,
@@ -202,11 +225,16 @@ class DicomwebClient:
         With ``retry`` off the caller runs the retries (the fetch engine, which
         also adapts its connection count to what it sees).
         """
+        return await self._retrying(
+            lambda: self._send_once(url, accept=accept, params=params, encoding=encoding),
+            retry=retry)
+
+    async def _retrying(self, once: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+        """``once()``, run again after failures worth retrying, at most ``retries`` times."""
         attempt = 0
         while True:
             try:
-                return await self._send_once(url, accept=accept, params=params,
-                                             encoding=encoding)
+                return await once()
             except DicomwebError as exc:
                 if not retry or not retryable(exc) or attempt >= self.config.retries:
                     raise
@@ -471,10 +499,125 @@ class DicomwebClient:
             path += f"/{uid}"
         return found[0], found[1], found[2]
 
+    # -- STOW-RS ----------------------------------------------------------------------
+
+    async def store_instances(self, paths: Sequence[Path]) -> StowResult:
+        """Store DICOM files on the server (``POST {base}/studies``), in one request.
+
+        The body is streamed from the files, never held in memory, with an exact
+        Content-Length (some servers refuse chunked uploads); it can be sent again,
+        so retries (5xx, a broken connection) and a token refreshed on 401 work.
+        A refusal raises the typed error of its status (Conflict for 409, TooLarge
+        for 413) with the server's reasons in its message; an answer of 200 or 202
+        tells what was stored and what failed, per instance.
+        """
+        url = f"{self._base}/studies"
+        body = _MultipartFiles(paths)
+        headers = {"Content-Type": f"{MULTIPART_DICOM}; boundary={body.boundary}",
+                   "Content-Length": str(body.length), "Accept": "application/dicom+json"}
+        return await self._retrying(lambda: self._stow_once(url, body, headers))
+
+    async def _stow_once(self, url: str, body: _MultipartFiles,
+                         headers: dict[str, str]) -> StowResult:
+        with _translated(url):
+            request = self._http.build_request("POST", url, content=body, headers=headers)
+            response = await self._http.send(request, stream=True)
+            try:
+                raw = b""
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > MAX_STOW_ANSWER:
+                        raise ProtocolError("STOW-RS answer too large", url=url)
+            finally:
+                await response.aclose()
+        answer = _stow_answer(raw)
+        if response.status_code >= 400:
+            text = "; ".join(f"{uid}: {why}" for uid, why in answer.failed.items()) if \
+                answer.failed else ("" if answer.parsed else
+                                    raw[:MAX_ERROR_TEXT].decode("utf-8", "replace").strip())
+            raise _status_error(response.status_code, text, url,
+                                response.headers.get("Retry-After"))
+        return answer
+
     async def probe(self) -> None:
         """One cheap QIDO request, to fail fast on a wrong URL or wrong credentials."""
         await self._get_bytes(self._qido + "/studies", accept="application/dicom+json",
                               params=[("limit", "1")])
+
+
+class _MultipartFiles:
+    """A ``multipart/related`` body of DICOM files, read from disk as it is sent.
+
+    An async iterable but no generator, so httpx can send it again (retries,
+    authentication); its length is known before the first byte.
+    """
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+        self.boundary = f"dicomfs-{os.urandom(12).hex()}"
+        self._head = f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        self._tail = f"--{self.boundary}--\r\n".encode()
+        self._sizes = [os.stat(path).st_size for path in self.paths]
+        self.length = sum(len(self._head) + size + 2 for size in self._sizes) + len(self._tail)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        for path, size in zip(self.paths, self._sizes, strict=True):
+            yield self._head
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                offset = 0
+                while offset < size:
+                    chunk = await trio.to_thread.run_sync(
+                        os.pread, fd, min(STOW_CHUNK, size - offset), offset)
+                    if not chunk:  # shorter than announced: never send a cut file
+                        raise ProtocolError(f"{path.name} shrank while being sent")
+                    offset += len(chunk)
+                    yield chunk
+            finally:
+                os.close(fd)
+            yield b"\r\n"
+        yield self._tail
+
+
+@dataclass(frozen=True)
+class StowResult:
+    """What a STOW-RS answer says: instances stored, and instances refused with why."""
+
+    stored: frozenset[str]
+    failed: dict[str, str]
+    parsed: bool = True  # False when the answer was no DICOM JSON (e.g. empty)
+
+
+def _stow_answer(raw: bytes) -> StowResult:
+    """The Referenced and Failed SOP Sequences of a STOW-RS answer, leniently: an
+    empty or non-JSON body says nothing, which the status then says alone."""
+    try:
+        parsed = json.loads(raw) if raw.strip() else None
+    except (ValueError, RecursionError):
+        parsed = None
+    if isinstance(parsed, list):  # some servers wrap the one answer in an array
+        parsed = next((item for item in parsed if isinstance(item, dict)), None)
+    if not isinstance(parsed, dict):
+        return StowResult(frozenset(), {}, parsed=False)
+    stored = {uid for item in _items(parsed, REFERENCED_SOP_SEQUENCE)
+              if (uid := dicomjson.uid(item, REFERENCED_SOP_INSTANCE))}
+    failed = {}
+    for item in _items(parsed, FAILED_SOP_SEQUENCE):
+        code = dicomjson.integer(item, FAILURE_REASON)
+        why = "no reason given" if code is None else \
+            f"{FAILURE_REASONS.get(code, 'refused')} (0x{code:04X})"
+        failed[dicomjson.uid(item, REFERENCED_SOP_INSTANCE) or "?"] = why
+    return StowResult(frozenset(stored), failed)
+
+
+def _items(ds: Dataset, tag: str) -> list[Dataset]:
+    element = ds.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return [item for item in values if isinstance(item, dict)] if isinstance(values, list) \
+        else []
 
 
 async def _single_part(response: httpx.Response, content_type: str,

@@ -35,6 +35,14 @@ class BadRequest(DicomwebError):
     """400, 406, 415 and other 4xx: the server refused the request as asked."""
 
 
+class Conflict(BadRequest):
+    """409: the server refused to store an instance, e.g. one it already holds."""
+
+
+class TooLarge(BadRequest):
+    """413, or an upload over ``--upload-max-size``: too large to store."""
+
+
 class ServerError(DicomwebError):
     """5xx, 408 or 429: the server failed; worth retrying."""
 
@@ -66,3 +74,7 @@ class IntegrityError(ProtocolError):
 class CacheError(DicomfsError):
     """The cache folder failed us (removed under a live mount, full, unwritable): EIO, not
     "no such file", because the file exists on the server all the same."""
+
+
+class InvalidUpload(DicomfsError):
+    """A file copied into /upload is not a whole DICOM object: refused before sending."""

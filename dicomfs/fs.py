@@ -1,9 +1,16 @@
 """The FUSE adapter: kernel requests in, tree calls out.
 
 Thin on purpose: it translates nodes to attributes and exceptions to errnos,
-keeps open file and folder handles, and refuses every write with EROFS. What a
+keeps open file and folder handles, and refuses every write with EROFS but in
+/upload with ``--allow-upload`` (passed on to :mod:`dicomfs.upload`). What a
 path means lives in :mod:`dicomfs.tree`; what the kernel's page cache holds of
 each file, and pushing files into it, in :mod:`dicomfs.pagecache`.
+
+Errors of uploads, as ``close()`` (or ``write()``) returns them: EINVAL for a file
+that is no whole DICOM Part 10 object (nothing was sent), EEXIST when the server
+answered 409 (it holds the instance, or refuses it), EFBIG for 413 or a file over
+``--upload-max-size``, EACCES for 401/403, EIO for anything else (400, 5xx after
+retries, no answer); the log says why.
 
 pyfuse3 lets any exception other than FUSEError escape into its main loop and
 end the mount, so every handler goes through :func:`_errno`. Extended attributes
@@ -13,6 +20,7 @@ are left to pyfuse3's ENOSYS: the kernel then stops asking, instead of costing
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -25,10 +33,18 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from dicomfs import metrics
-from dicomfs.errors import DicomfsError, NotFound, Unauthorized
+from dicomfs.errors import (
+    Conflict,
+    DicomfsError,
+    InvalidUpload,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
 from dicomfs.pagecache import PageCache
 from dicomfs.store import Blob, OpenFile
-from dicomfs.tree import Node, Tree
+from dicomfs.tree import UPLOAD_FOLDERS, Kind, Node, Tree
+from dicomfs.upload import Uploads
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -39,6 +55,7 @@ FOLDER_TIMEOUT = 60.0  # folders can gain children: series arrive in a study
 NEGATIVE_TIMEOUT = 10.0  # a UID that is not there yet may appear
 MUTABLE_TIMEOUT = 1.0  # metadata.json: its study may still be receiving instances
 BLOCK = 512
+UPLOAD_KINDS = {*UPLOAD_FOLDERS, Kind.UPLOAD_FILE}
 
 
 def _errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -59,6 +76,13 @@ def _errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except Unauthorized as exc:
             log.error("%s: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(errno.EACCES) from None
+        except (Conflict, TooLarge, InvalidUpload) as exc:  # logged by dicomfs.upload
+            code = errno.EEXIST if isinstance(exc, Conflict) else \
+                errno.EFBIG if isinstance(exc, TooLarge) else errno.EINVAL
+            raise pyfuse3.FUSEError(code) from None
+        except OSError as exc:  # the errno says it (ENOTEMPTY, EEXIST, ... of /upload)
+            log.debug("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except (DicomfsError, ValueError) as exc:
             log.error("%s: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -116,11 +140,34 @@ class DicomFS(pyfuse3.Operations):
         # every page); one is opened if a READ comes after all.
         self._files: dict[int, OpenFile | int] = {}
         self._folders: dict[int, list[Node]] = {}
+        self._written: dict[int, Node] = {}  # handles of files in /upload
+
+    @property
+    def uploads(self) -> Uploads | None:
+        return self.tree.uploads
+
+    def _upload_folder(self, inode: int) -> tuple[Uploads, Node]:
+        """Uploads and the folder of ``inode``, or EROFS: only /upload takes writes."""
+        node = self.tree.node(inode)
+        if self.uploads is None or node.kind not in UPLOAD_FOLDERS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.uploads, node
+
+    def _upload_file(self, inode: int) -> tuple[Uploads, Node] | None:
+        node = self.tree.node(inode)
+        if self.uploads is None or node.kind is not Kind.UPLOAD_FILE:
+            return None
+        return self.uploads, node
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
-        if node.is_dir:
+        if self.uploads is not None and node.kind in UPLOAD_KINDS:
+            # Written, renamed and removed at any time: the kernel keeps nothing.
+            attr.st_mode = stat.S_IFDIR | 0o755 if node.is_dir else stat.S_IFREG | 0o644
+            attr.st_nlink = 2 if node.is_dir else 1
+            attr.attr_timeout = attr.entry_timeout = 0
+        elif node.is_dir:
             attr.st_mode = stat.S_IFDIR | 0o555
             attr.st_nlink = 2
             attr.attr_timeout = attr.entry_timeout = FOLDER_TIMEOUT
@@ -147,7 +194,8 @@ class DicomFS(pyfuse3.Operations):
             node = await self.tree.lookup(parent_inode, os.fsdecode(name))
         except (FileNotFoundError, NotFound):
             negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
-            negative.entry_timeout = NEGATIVE_TIMEOUT
+            negative.entry_timeout = 0 if self.tree.node(parent_inode).kind in \
+                UPLOAD_FOLDERS else NEGATIVE_TIMEOUT
             return negative
         return self.attributes(node)
 
@@ -176,6 +224,12 @@ class DicomFS(pyfuse3.Operations):
 
     @_errno
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        upload = self._upload_file(inode)
+        if upload is not None:
+            uploads, node = upload
+            uploads.open(node, write=bool(flags & (os.O_WRONLY | os.O_RDWR)),
+                         truncate=bool(flags & os.O_TRUNC))
+            return self._written_handle(node)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.tree.node(inode)
@@ -187,8 +241,16 @@ class DicomFS(pyfuse3.Operations):
         self._files[handle] = opened
         return pyfuse3.FileInfo(fh=handle, keep_cache=node.immutable)
 
+    def _written_handle(self, node: Node) -> pyfuse3.FileInfo:
+        handle = next(self._handles)
+        self._written[handle] = node
+        return pyfuse3.FileInfo(fh=handle, keep_cache=False)
+
     @_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        written = self._written.get(fh)
+        if written is not None and self.uploads is not None:
+            return self.uploads.read(written, off, size)
         blob = self._files[fh]
         if isinstance(blob, int):
             opened = await self.tree.open(blob)
@@ -202,7 +264,73 @@ class DicomFS(pyfuse3.Operations):
         return await _read(blob, size, off)
 
     @_errno
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        node = self._written.get(fh)
+        if node is None or self.uploads is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.uploads.write(node, off, buf)
+
+    @_errno
+    async def flush(self, fh: int) -> None:
+        """A close(): a file written in /upload is stored now, and close() says how it went."""
+        node = self._written.get(fh)
+        if node is not None and self.uploads is not None:
+            await self.uploads.flush(node)
+
+    @_errno
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        uploads, folder = self._upload_folder(parent_inode)
+        node = uploads.create(folder, os.fsdecode(name))
+        return self._written_handle(node), self.attributes(node)
+
+    @_errno
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        uploads, folder = self._upload_folder(parent_inode)
+        return self.attributes(uploads.mkdir(folder, os.fsdecode(name)))
+
+    @_errno
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        uploads, folder = self._upload_folder(parent_inode)
+        uploads.unlink(folder, os.fsdecode(name))
+
+    @_errno
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        uploads, folder = self._upload_folder(parent_inode)
+        uploads.rmdir(folder, os.fsdecode(name))
+
+    @_errno
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        uploads, old = self._upload_folder(parent_inode_old)
+        _, new = self._upload_folder(parent_inode_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        uploads.rename(old, os.fsdecode(name_old), new, os.fsdecode(name_new),
+                       replace=not flags & pyfuse3.RENAME_NOREPLACE)
+
+    @_errno
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        """In /upload: a new size truncates, times are kept, the rest is accepted and
+        ignored (cp, rsync and file managers set modes after copying)."""
+        node = self.tree.node(inode)
+        if self.uploads is None or node.kind not in UPLOAD_KINDS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if fields.update_size:
+            self.uploads.truncate(node, attr.st_size)
+        if fields.update_mtime:
+            node.mtime = attr.st_mtime_ns / 1e9
+        return self.attributes(node)
+
     async def release(self, fh: int) -> None:
+        written = self._written.pop(fh, None)
+        if written is not None and self.uploads is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.uploads.release(written)
+            return
         blob = self._files.pop(fh, None)
         if blob is not None and not isinstance(blob, int):
             blob.close()
@@ -213,8 +341,8 @@ class DicomFS(pyfuse3.Operations):
 
     @_errno
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        self.tree.node(inode)
-        if mode & os.W_OK:
+        node = self.tree.node(inode)
+        if mode & os.W_OK and (self.uploads is None or node.kind not in UPLOAD_KINDS):
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
@@ -223,8 +351,12 @@ class DicomFS(pyfuse3.Operations):
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = BLOCK
         data.f_namemax = 255
+        if self.uploads is not None:  # what uploads may take; tools check before copying
+            space = self.uploads.statvfs()
+            data.f_bsize, data.f_frsize = space.f_bsize, space.f_frsize
+            data.f_blocks, data.f_bfree, data.f_bavail = (space.f_blocks, space.f_bfree,
+                                                          space.f_bavail)
         return data
 
-    # Read-only: every call that would change something.
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
-    create = write = setxattr = removexattr = _read_only
+    # Read-only: every other call that would change something.
+    mknod = symlink = link = setxattr = removexattr = _read_only

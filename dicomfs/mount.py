@@ -32,6 +32,7 @@ from dicomfs.errors import DicomfsError, Unauthorized
 from dicomfs.fs import DicomFS
 from dicomfs.store import GiB, Store
 from dicomfs.tree import Tree
+from dicomfs.upload import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class MountOptions:
     gid: int | None = None
     scope: dict[str, str] = field(default_factory=dict)
     metrics_address: tuple[str, int] | None = None
+    allow_upload: bool = False
+    upload_max_size: int = 4 * GiB
 
 
 class MountError(DicomfsError):
@@ -84,13 +87,16 @@ async def serve(options: MountOptions, *, ready: Callable[[], None] | None = Non
         offers = await capabilities.learn(client, store)
         archive = Archive(client, store, listing_ttl=options.listing_ttl,
                           retries=options.client.retries, deadline=options.deadline)
-        fuse_options = {*pyfuse3.default_options, "ro", "default_permissions",
+        fuse_options = {*pyfuse3.default_options, "default_permissions",
+                        *(() if options.allow_upload else ("ro",)),
                         f"fsname={fsname(options.client.base_url)}", "subtype=dicomfs",
                         *options.fuse_options}
         try:
             tree = Tree(archive, scope=options.scope, offers=offers)
         except ValueError as exc:
             raise MountError(f"bad --query: {exc}") from None
+        if options.allow_upload:
+            tree.uploads = Uploads(tree, archive, max_size=options.upload_max_size)
         operations = DicomFS(tree, uid=options.uid, gid=options.gid)
         listeners = await _metrics_listeners(options.metrics_address)
         metrics.watch(archive.engine, store)

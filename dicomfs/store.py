@@ -323,6 +323,12 @@ class Store:
             return None
         return data, age
 
+    def drop_listing(self, name: str) -> None:
+        """Forget a saved listing (its folder changed: an upload added to it); one that
+        cannot be removed only stays stale for a TTL."""
+        with contextlib.suppress(OSError):
+            self._listing_path(name).unlink()
+
     def has_listings(self) -> bool:
         """Whether anything was ever listed here: enough to start a mount offline."""
         with os.scandir(self._listings) as entries:

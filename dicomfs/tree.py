@@ -32,6 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cachetools
 import trio
@@ -43,6 +44,9 @@ from dicomfs.dicomjson import Dataset
 from dicomfs.errors import BadRequest, DicomfsError
 from dicomfs.store import Blob, Key, OpenFile
 from dicomfs.uids import is_uid
+
+if TYPE_CHECKING:
+    from dicomfs.upload import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +89,19 @@ class Kind(enum.Enum):
     QUERIES = "queries"
     QUERY = "query"
     TEXT = "text"  # a fixed help text
+    UPLOADS = "upload"  # /upload and what is copied into it (dicomfs.upload)
+    UPLOAD_FOLDER = "upload-folder"
+    UPLOAD_FILE = "upload-file"
 
 
 TOP = {"studies": Kind.STUDIES, "patients": Kind.PATIENTS, "dates": Kind.DATES,
        "query": Kind.QUERIES, "rendered": Kind.RENDERED}
 DIRECTORIES = {Kind.ROOT, Kind.STUDIES, Kind.STUDY, Kind.SERIES, Kind.RENDERED,
                Kind.RENDERED_STUDY, Kind.RENDERED_SERIES, Kind.PATIENTS, Kind.PATIENT,
-               Kind.DATES, Kind.DATE, Kind.QUERIES, Kind.QUERY}
+               Kind.DATES, Kind.DATE, Kind.QUERIES, Kind.QUERY, Kind.UPLOADS,
+               Kind.UPLOAD_FOLDER}
+UPLOAD = "upload"
+UPLOAD_FOLDERS = {Kind.UPLOADS, Kind.UPLOAD_FOLDER}
 # Folders whose children are named for people (names.py) and found by listing them.
 READABLE = {Kind.PATIENTS, Kind.PATIENT, Kind.DATES, Kind.DATE}
 # What a UID names below each kind of folder.
@@ -126,8 +136,9 @@ class Node:
 
     @property
     def immutable(self) -> bool:
-        """Instances and rendered images never change; metadata grows with its study."""
-        return self.kind is not Kind.METADATA
+        """Instances and rendered images never change; metadata grows with its study,
+        and a file in /upload as it is written."""
+        return self.kind not in (Kind.METADATA, Kind.UPLOAD_FILE)
 
     @property
     def key(self) -> Key:
@@ -167,6 +178,9 @@ class Tree:
             cachetools.LRUCache(NAMED_FOLDERS)
         # /query names refused (by us or the server): asked again, they cost nothing.
         self._bad_queries: cachetools.LRUCache[str, str] = cachetools.LRUCache(4096)
+        # What /upload holds, with --allow-upload (mount.py sets it); without, /upload is
+        # an empty read-only folder, unlisted, so that writing into it answers EROFS.
+        self.uploads: Uploads | None = None
         self._add(Kind.ROOT, (), "", inode=ROOT_INODE)
 
     # -- nodes ------------------------------------------------------------------------
@@ -229,7 +243,10 @@ class Tree:
         parent = self.node(parent_inode)
         child: Node | None = None
         if parent.kind is Kind.ROOT:
-            child = self._top(name) if name in self._tops else None
+            child = self._top(name) if name in self._tops else \
+                self.upload_folder() if name == UPLOAD else None
+        elif parent.kind in UPLOAD_FOLDERS:
+            child = self.uploads.lookup(parent, name) if self.uploads else None
         elif parent.kind is Kind.QUERIES:
             child = self._help_node() if name == QUERY_README else \
                 await self._lookup_query(name)
@@ -326,7 +343,10 @@ class Tree:
     async def _children(self, parent: Node) -> list[Node]:
         kind = parent.kind
         if kind is Kind.ROOT:
-            return [self._top(name) for name in self._tops]
+            tops = [self._top(name) for name in self._tops]
+            return [*tops, self.upload_folder()] if self.uploads else tops
+        if kind in UPLOAD_FOLDERS:
+            return self.uploads.children(parent) if self.uploads else []
         if kind is Kind.QUERIES:
             return [self._help_node()]
         if parent.readable:
@@ -467,6 +487,14 @@ class Tree:
         return children
 
     # -- node builders -------------------------------------------------------------------
+
+    def upload_folder(self) -> Node:
+        return self._add(Kind.UPLOADS, (), UPLOAD)
+
+    def new_upload_node(self, kind: Kind, name: str) -> Node:
+        """A fresh node for something created in /upload: its own inode, whatever its name
+        (an entry can be renamed, removed and made again)."""
+        return self._add(kind, (len(self._nodes),), name, mtime=time.time(), exact=True)
 
     def _study_node(self, kind: Kind, parent: Node, ds: Dataset, *,
                     name: str | None = None) -> Node:

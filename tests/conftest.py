@@ -358,15 +358,6 @@ def mnt(mount_factory: MountFactory) -> Mount:
     return mount_factory()
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds passed; its last answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
 
 # --------------------------------------------------------------------------- server truth
 

@@ -431,6 +431,7 @@ class Seen:
     path: str
     params: dict[str, list[str]]
     headers: dict[str, str]  # names lower-cased
+    body: bytes = b""  # of a request with a Content-Length (a STOW-RS POST)
 
     def param(self, name: str) -> str | None:
         values = self.params.get(name)
@@ -468,8 +469,9 @@ class _Handler(socketserver.StreamRequestHandler):
             name, _, value = raw.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
         url = urllib.parse.urlsplit(target)
+        body = self.rfile.read(int(headers.get("content-length", "0")))
         seen = Seen(method, url.path, urllib.parse.parse_qs(url.query, keep_blank_values=True),
-                    headers)
+                    headers, body)
         with self.server.lock:
             self.server.seen.append(seen)
         reply = self.server.app(seen)

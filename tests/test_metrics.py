@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO_ROOT, wait_until
+from conftest import REPO_ROOT
+from fakes import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicomfs.cli import fuse_helper_argv

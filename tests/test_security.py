@@ -36,7 +36,6 @@ import httpx
 import pydicom
 import pytest
 import trio
-from conftest import wait_until
 from fakes import (
     TOKEN_COMMAND,
     Proxy,
