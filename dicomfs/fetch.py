@@ -368,6 +368,7 @@ class FetchEngine:
             if writer is not None:
                 writer.abort()
             self._active -= 1
+            self._wake.set()  # a connection is free (even when every part was delivered)
             for transfer in claimed.values():
                 transfer.undelivered = True
                 self._land(transfer)

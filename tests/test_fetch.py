@@ -235,3 +235,29 @@ def _no_near_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     """The scripted server is on loopback, which the engine would call near and stream
     from; these tests are about parallel requests."""
     monkeypatch.setattr(FetchEngine, "near", property(lambda self: False))
+
+
+async def test_a_stream_that_delivers_everything_frees_its_connection(tmp_path: Path) -> None:
+    """One connection: a series stream delivers every part it claimed; the fetch queued
+    behind it must start once it ends (nothing else wakes the engine then)."""
+    recorder = Recorder(delay=0.0)
+    with serving() as server:
+        def retrieve(path: str) -> Reply | None:
+            if path.endswith(SERIES):
+                return Reply(200, [("Content-Type", MULTIPART)],
+                             multipart(*(instance(n) for n in range(3))))
+            return recorder(path) if "/instances/" in path else None
+
+        server.app = one_series_app(STUDY, SERIES, [sop(n) for n in range(4)], retrieve)
+        store = Store(tmp_path / "cache")
+        config = ClientConfig(base_url=server.url, max_connections=1, retries=0)
+        async with DicomwebClient(config) as client, trio.open_nursery() as nursery:
+            engine = FetchEngine(client, store, max_connections=1)
+            await nursery.start(engine.run)
+            assert engine.stream(STUDY, SERIES, [sop(n) for n in range(3)]) == 3
+            with trio.fail_after(10):
+                await engine.fetch(key(3))  # queued while the stream has the connection
+            nursery.cancel_scope.cancel()
+    for n in range(4):
+        assert stored(store, n) == instance(n)
+    assert recorder.order == [sop(3)]  # the streamed ones were not asked again
