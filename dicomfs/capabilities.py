@@ -26,6 +26,8 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 
+import trio
+
 from dicomfs.client import DicomwebClient
 from dicomfs.errors import BadRequest, DicomfsError, DicomwebError, ProtocolError
 from dicomfs.store import Store
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 FILE_NAME = "capabilities.json"
 ABSENT = {404, 405, 501}  # the resource is not there, whatever was asked
 ABSENT_METADATA = ABSENT | {400}
+PROBE_SECONDS = 5.0  # the whole probe, at mount time: unknown (both shown) when slower
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,17 @@ async def learn(client: DicomwebClient, store: Store) -> Capabilities:
     if known is not None:
         return known
     try:
-        sample = await client.sample_instance()
-        if sample is None:
-            log.info("no instance to probe optional resources with; assuming both offered")
-            return Capabilities()
-        metadata = await _offered(client.instance_metadata(*sample), ABSENT_METADATA)
-        rendered = await _offered(client.rendered(*sample), ABSENT)
-    except DicomfsError as exc:
+        with trio.fail_after(PROBE_SECONDS):  # a mount must not wait on a slow server
+            sample = await client.sample_instance()
+            if sample is None:
+                log.info("no instance to probe optional resources with; assuming both "
+                         "offered")
+                return Capabilities()
+            metadata = await _offered(client.instance_metadata(*sample), ABSENT_METADATA)
+            rendered = await _offered(client.rendered(*sample), ABSENT)
+    except (DicomfsError, trio.TooSlowError) as exc:
         log.warning("could not learn whether metadata and rendered images are offered (%s); "
-                    "assuming they are", exc)
+                    "assuming they are", exc or f"no answer within {PROBE_SECONDS:g} s")
         return Capabilities()
     found = Capabilities(metadata=metadata, rendered=rendered)
     store.save_note(FILE_NAME, json.dumps(asdict(found)).encode())

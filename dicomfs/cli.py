@@ -491,6 +491,13 @@ def run_status(args: argparse.Namespace) -> int:
     return 1 if wanted is not None and not found else 0
 
 
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The one exception inside nested exception groups of one each (trio nurseries)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def run_prefetch(args: argparse.Namespace) -> int:
     import trio
 
@@ -524,12 +531,16 @@ def run_prefetch(args: argparse.Namespace) -> int:
 
     try:
         failed = trio.run(run)
-    except DicomfsError as exc:
-        print(f"dicomfs: prefetch failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ndicomfs: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except BaseException as exc:  # the fetch engine's nursery wraps what it raises
+        cause = _unwrapped(exc)
+        if isinstance(cause, DicomfsError):
+            print(f"dicomfs: prefetch failed: {cause}", file=sys.stderr)
+            return 1
+        if isinstance(cause, KeyboardInterrupt):
+            print("\ndicomfs: interrupted; run the same command again to resume",
+                  file=sys.stderr)
+            return 130
+        raise
     if failed:
         print(f"dicomfs: {failed} instances could not be fetched (see above)", file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ from dicomfs.errors import (
     Unreachable,
 )
 from dicomfs.multipart import PartData, PartEnd, PartStart
-from dicomfs.store import Key, Store, Writer
+from dicomfs.store import Blob, Key, Store, Writer
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class Transfer:
     written: int = 0
     fd: int = -1  # reads the temporary file being written
     readers: int = 0  # streaming readers (StreamingBlob) still open
+    pinned: Blob | None = None  # the cache entry, kept from eviction for those readers
     progress: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -243,6 +244,9 @@ class FetchEngine:
             return
         if transfer.done.is_set():
             transfer.end()
+            if transfer.pinned is not None:
+                transfer.pinned.close()
+                transfer.pinned = None
         elif transfer.priority is Priority.READER and transfer.written < (transfer.size or 0):
             transfer.scope.cancel()  # (all bytes in: let it be checked and cached)
 
@@ -338,7 +342,9 @@ class FetchEngine:
         if self._transfers.get(transfer.key) is transfer:
             del self._transfers[transfer.key]
         if transfer.error is not None or not transfer.readers:
-            transfer.end()  # else the last streaming reader closes it
+            transfer.end()  # else the last streaming reader closes it, and its pin
+        else:  # a file being read is never evicted from under its reader
+            transfer.pinned = self.store.open(transfer.key)
         transfer.done.set()
         transfer.progress.set()
         self._wake.set()
@@ -469,13 +475,22 @@ class StreamingBlob:
         self.size = transfer.size or 0
         self._closed = False
 
+    @property
+    def fd(self) -> int:
+        """The file written so far (-1 between attempts)."""
+        return self.transfer.fd
+
     async def read(self, offset: int, size: int) -> bytes:
+        """The bytes asked for once they are in; the last ones (and the end of the file)
+        only once the whole file has passed its checks, so that a reader never gets all
+        of an object the checks refuse: it gets EIO instead."""
         transfer = self.transfer
         end = min(offset + size, self.size)
         while True:
             if transfer.error is not None:
                 raise transfer.failure()
-            if transfer.fd >= 0 and (transfer.written >= end or transfer.done.is_set()):
+            ready = transfer.done.is_set() if end >= self.size else transfer.written >= end
+            if transfer.fd >= 0 and ready:
                 return os.pread(transfer.fd, end - offset, offset) if end > offset else b""
             await transfer.progress.wait()
 

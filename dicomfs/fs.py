@@ -42,7 +42,7 @@ from dicomfs.errors import (
     Unauthorized,
 )
 from dicomfs.pagecache import PageCache
-from dicomfs.store import Blob, OpenFile
+from dicomfs.store import OpenFile
 from dicomfs.tree import UPLOAD_FOLDERS, Kind, Node, Tree
 from dicomfs.upload import Uploads
 
@@ -118,7 +118,7 @@ async def _read(blob: OpenFile, size: int, off: int) -> bytes:
     """Answer a READ; at debug level say from which cache file ("(deleted)": evicted),
     or that the file is still arriving."""
     if log.isEnabledFor(logging.DEBUG):
-        source = (os.readlink(f"/proc/self/fd/{blob.fd}") if isinstance(blob, Blob)
+        source = (os.readlink(f"/proc/self/fd/{blob.fd}") if blob.fd >= 0
                   else "the transfer under way")
         log.debug("READ %d bytes at %d from %s", size, off, source)
     return await blob.read(off, size)

@@ -360,10 +360,7 @@ def test_reading_a_series_larger_than_the_cache_fetches_it_about_once(
     mount = mount_factory(args=["--cache-size", "1M"])
     mark = orthanc.mark()
     check_files(mount.path, archive, files)
-    # Count everything the series prefetch asks for: wait until it has ended.
-    ended = re.compile(rf"series {archive.series_uid('mr')}: (prefetched|prefetch failed|"
-                       "too large)")
-    assert wait_until(lambda: ended.search(mount.log()), 60), mount.log_tail(20)
+    mount.unmount()  # ends read-ahead: everything it asked for is in the log now
     requests = orthanc.requests_since(mark)
     instances = len(instance_requests(requests))
     streams = len(series_requests(requests))

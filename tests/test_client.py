@@ -40,6 +40,7 @@ from dicomfs.demo import Archive, LocalOrthanc, demo_uid
 from dicomfs.demo.orthanc import free_port
 from dicomfs.errors import (
     BadRequest,
+    DicomwebError,
     NotFound,
     ProtocolError,
     ServerError,
@@ -392,13 +393,13 @@ async def test_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 def record_backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The delays the client waits before each retry, as they are chosen."""
     delays: list[float] = []
-    choose = DicomwebClient._backoff
+    choose = dicomfs.client.backoff
 
-    def recorded(attempt: int, exc: Exception) -> float:
+    def recorded(attempt: int, exc: DicomwebError) -> float:
         delays.append(choose(attempt, exc))
         return delays[-1]
 
-    monkeypatch.setattr(DicomwebClient, "_backoff", staticmethod(recorded))
+    monkeypatch.setattr(dicomfs.client, "backoff", recorded)
     return delays
 
 

