@@ -384,7 +384,7 @@ class FetchEngine:
 
     async def _keep(self, writer: Writer, claimed: dict[str, Transfer]) -> None:
         try:
-            found = await sop_instance_uid(writer)
+            found = await trio.to_thread.run_sync(instance_uid, writer)
             transfer = claimed.pop(found, None)
             if transfer is None:
                 writer.abort()
@@ -449,12 +449,19 @@ class FetchEngine:
                         transfer.advance(len(event.data))
             if parts == 0:
                 raise ProtocolError("an instance answer with no part")
-            await verify_instance(writer, key)
-            await trio.to_thread.run_sync(self.store.commit, writer, key)
+            await trio.to_thread.run_sync(self._verify_and_commit, writer, key)
         except BaseException:
             writer.abort()
             transfer.end()
             raise
+
+    def _verify_and_commit(self, writer: Writer, key: Key) -> None:
+        """In a worker thread (one hop per file): keep the part if it is the whole
+        instance ``key`` names, else IntegrityError."""
+        found = instance_uid(writer)
+        if found != key.instance:
+            raise IntegrityError(f"asked for instance {key.instance}, got {found!r}")
+        self.store.commit(writer, key)
 
     def _declared(self, headers: dict[str, str]) -> int | None:
         """The part's length, when it says one; refused when the cache could not hold it."""
@@ -515,26 +522,15 @@ def write_bounded(store: Store, writer: Writer, data: bytes) -> None:
     writer.write(data)
 
 
-async def sop_instance_uid(writer: Writer) -> str:
+def instance_uid(writer: Writer) -> str:
     """The SOP Instance UID of a written part, once it is shown a whole DICOM object.
 
     The dataset's UID is the instance's identity (servers index by it, and a file
-    meta that says otherwise exists in the wild). The walk runs in a worker thread:
-    inflating a big deflated file takes milliseconds.
+    meta that says otherwise exists in the wild). Blocking (inflating a big deflated
+    file takes milliseconds): call it from a worker thread.
     """
-    def check() -> str:
-        fd = os.open(writer.path, os.O_RDONLY)
-        try:
-            return part10.whole_instance_uid(writer.head, fd, writer.size)
-        finally:
-            os.close(fd)
-
-    return await trio.to_thread.run_sync(check)
-
-
-async def verify_instance(writer: Writer, key: Key) -> None:
-    """Raise IntegrityError unless the written part is the whole instance ``key`` names."""
-    found = await sop_instance_uid(writer)
-    if found != key.instance:
-        raise IntegrityError(f"asked for instance {key.instance}, got {found!r}")
-
+    fd = os.open(writer.path, os.O_RDONLY)
+    try:
+        return part10.whole_instance_uid(writer.head, fd, writer.size)
+    finally:
+        os.close(fd)
