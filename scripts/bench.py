@@ -7,8 +7,10 @@ mount for every run; nothing global is dropped (no drop_caches), so Orthanc's ow
 in the page cache for every row alike. Every figure is the median of ``--runs`` runs.
 
 The network section (scripts/bench_network.py; ``--only network``, ``--skip-network``)
-reads the CT series over emulated links. Each section writes only what it measured into its
-own generated block of the Markdown report (``--output``, default docs/performance.md),
+reads the CT series over emulated links, and measures latency there
+(scripts/bench_latency.py, also alone with ``--only latency``): first bytes by path,
+``ls -R``, a big instance. Each section writes only what it measured into its own
+generated block of the Markdown report (``--output``, default docs/performance.md),
 keeping the hand-written explanations around it, and a plot next to it (.png, and
 -network.png). Run it through ``scripts/bench``, which installs what it needs.
 """
@@ -42,7 +44,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing: use its copy
     sys.path.insert(0, str(REPO))
 
-from dicomfs.demo.archive import Archive, ArchiveFile, build_archive  # noqa: E402
+from dicomfs.demo.archive import (  # noqa: E402
+    Archive,
+    ArchiveFile,
+    build_archive,
+    build_big_instance,
+)
 from dicomfs.demo.mounts import force_unmount, is_mounted, mount_points  # noqa: E402
 from dicomfs.demo.orthanc import LocalOrthanc  # noqa: E402
 
@@ -649,7 +656,13 @@ class Bench:
         self.orthanc = self._start_orthanc(CACHE / "bench-orthanc")
         self._load(self.orthanc, "sample archive", self.archive)
         self.probe_webdav_range()
-        if self.args.only == "network":
+        if not self.args.skip_network:
+            dest = CACHE / "bench-big-instance"
+            self.big_instance = self._build("big multi-frame instance", dest,
+                                            lambda: build_big_instance(dest))
+            self.big_instance_path = dest / self.big_instance.path
+            self._load(self.orthanc, "big multi-frame instance", [self.big_instance_path])
+        if self.args.only is not None:
             return
         self.parallel = self._build("parallel series", CACHE / "bench-parallel",
                                     lambda: build_parallel_series(CACHE / "bench-parallel"))
@@ -1010,17 +1023,9 @@ def table_lines(measures: dict[str, Measure]) -> list[TableLine]:
 
 
 def text_table(lines: list[TableLine]) -> str:
-    headers = TableLine("measurement", "median", "min-max", "n", "reference", "ratio",
-                        "target", "result")
-    fields = list(headers.__dataclass_fields__)
-    widths = [max(len(getattr(x, f)) for x in [headers, *lines]) for f in fields]
-    out = []
-    for i, line in enumerate([headers, *lines]):
-        out.append("  ".join(getattr(line, f).ljust(w) for f, w in zip(fields, widths,
-                                                                       strict=True)).rstrip())
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    headers = ("measurement", "median", "min-max", "n", "reference", "ratio", "target",
+               "result")
+    return plain_table(headers, [astuple(line) for line in lines])
 
 
 def astuple(line: TableLine) -> tuple[str, ...]:
@@ -1034,6 +1039,22 @@ def markdown_table(lines: list[TableLine]) -> str:
         cells = [c.replace("|", "\\|") for c in astuple(line)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded with spaces, for the terminal."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [headers, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (``|`` in cells escaped)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, rows)])
 
 
 def machine_facts(orthanc: LocalOrthanc | None) -> dict[str, str]:
@@ -1232,9 +1253,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-1g", action="store_true",
                         help="skip the ~1 GB study (cold read and peak RSS rows)")
     section = parser.add_mutually_exclusive_group()
-    section.add_argument("--only", choices=["network"],
-                         help="run only the network section (emulated links, nearly full "
-                         "disk, CPU per GB)")
+    section.add_argument("--only", choices=["network", "latency"],
+                         help="run only the network section (emulated links: readers and "
+                         "latency rows; nearly full disk, CPU per GB), or only its latency "
+                         "rows (first bytes by path, ls -R, a big instance)")
     section.add_argument("--skip-network", action="store_true",
                          help="skip the network section")
     parser.add_argument("--slow-link-runs", type=int, default=1,
@@ -1274,7 +1296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bench.prepare()
         bench.facts = machine_facts(bench.orthanc)
-        if args.only != "network":
+        if args.only is None:
             bench.run_all()
             loopback_seconds = time.monotonic() - started
         if network is not None:
@@ -1286,7 +1308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        _load_end=" ".join(f"{x:.2f}" for x in os.getloadavg()))
     output = args.output.absolute()
     command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
-    if args.only != "network":
+    if args.only is None:
         lines = table_lines(bench.measures)
         if args.skip_1g:
             skipped = {bench.measures[k].label
@@ -1297,12 +1319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_report(bench, output, png, lines, loopback_seconds, command)
         plot(bench.measures, png)
         say(f"wrote {output} and {png}")
-    if network is not None:
+    if network is not None and args.only != "latency":
         print(network.text_table())
         png = output.with_name(f"{output.stem}-network.png")
         network.write_report(output, png, seconds - loopback_seconds, command)
         network.plot(png)
         say(f"wrote the network section into {output}, and {png}")
+    if network is not None and network.latency.links:
+        print(f"\n{network.latency.text_table()}")
+        network.latency.write_report(output, command)
+        say(f"wrote the latency rows into {output}")
     print(f"\nwhole benchmark: {seconds / 60:.1f} min")
     return 1 if bench.failures else 0
 

@@ -15,6 +15,7 @@ Then, with the proxy only counting (no delay, no cap): the bytes the server send
 read with the cache folder on a 60 MB tmpfs (``cat`` of 100 CT files); and on loopback, the
 mount process's CPU seconds per GB for a cold series read next to ``curl -o file``.
 Every file read through a mount is checked (untimed) against the archive's SHA-256.
+At each link, after the readers, the latency rows of scripts/bench_latency.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import bench
 from bench import BenchError, Measure, Target, say
+from bench_latency import LatencyBench
 
 from dicomfs.demo.netem import Counters, LinkProxy
 
@@ -91,6 +93,7 @@ class NetworkBench:
         self.cpu_per_gb = Measure("dicomfs mount process, cold series read", "", "CPU-s/GB")
         self.cold = Measure("dicomfs cold series read: cat 400 files", "")
         self.wire_file = Measure("curl -o file of the series", "curl -o file")
+        self.latency = LatencyBench(parent)
         self.seconds = 0.0
 
     # -- running -----------------------------------------------------------------------
@@ -99,14 +102,19 @@ class NetworkBench:
         started = time.monotonic()
         self.ct = self.parent.ct
         self.orthanc = self.parent.orthanc
+        readers = self.parent.args.only != "latency"
         for result in self.links:
             runs = self.parent.args.slow_link_runs if result.link.slow else self.parent.runs
             say(f"network: link {result.link.name}, {runs} run(s)")
             with LinkProxy(self.orthanc.dicomweb_url, delay=result.link.delay,
                            rate=result.link.rate) as proxy:
-                for run in range(runs):
+                for run in range(runs if readers else 0):
                     for key in READERS:
                         self._attempt(result, key, run, proxy)
+                self.latency.run_link(result.link.name, result.link.delay, proxy, runs)
+        if not readers:
+            self.seconds = time.monotonic() - started
+            return
         say("network: cache folder on a 60 MB tmpfs")
         self._guard([self.disk], "nearly full disk", self._nearly_full_disk)
         say("network: CPU per GB of the mount process, on loopback")
@@ -325,15 +333,8 @@ class NetworkBench:
     OTHER_HEADERS = ("measurement", "median", "min-max", "runs", "target", "result")
 
     def text_table(self) -> str:
-        def table(headers: tuple[str, ...], rows: list[list[str]]) -> str:
-            widths = [max(len(r[i]) for r in [list(headers), *rows])
-                      for i in range(len(headers))]
-            lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [list(headers), *rows]]
-            return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-        return (f"{table(self.HEADERS, self.rows())}\n\n"
-                f"{table(self.OTHER_HEADERS, self.other_rows())}")
+        return (f"{bench.plain_table(self.HEADERS, self.rows())}\n\n"
+                f"{bench.plain_table(self.OTHER_HEADERS, self.other_rows())}")
 
     def write_report(self, output: Path, png: Path, seconds: float, command: str) -> None:
         facts = self.parent.facts
@@ -355,13 +356,13 @@ link. Requests, connections and MB from server: what the link proxy saw in the l
 
 Reproduce: `{command}`
 {bench.busy_note(facts)}
-{markdown(self.HEADERS, self.rows())}
+{bench.markdown(self.HEADERS, self.rows())}
 
 ![readers of the CT series over three emulated links]({png.name})
 
 ### Nearly full disk, CPU
 
-{markdown(self.OTHER_HEADERS, self.other_rows())}
+{bench.markdown(self.OTHER_HEADERS, self.other_rows())}
 
 ### Failures and wrong results
 
@@ -413,11 +414,3 @@ Reproduce: `{command}`
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
-
-
-def markdown(headers: tuple[str, ...], rows: list[list[str]]) -> str:
-    def line(cells: list[str] | tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, rows)])
-

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import pydicom
 import pytest
 
 from dicomfs.demo import Archive, LocalOrthanc, build_archive, demo_uid
-from dicomfs.demo.archive import sample_source
+from dicomfs.demo.archive import build_big_instance, sample_source
 from dicomfs.demo.mounts import is_mounted
 
 if TYPE_CHECKING:
@@ -97,6 +98,21 @@ def test_archive_is_deterministic_and_idempotent(tmp_path: Path) -> None:
 
     other = build_archive(tmp_path / "a", ct_slices=4)  # other parameters: rebuilt in place
     assert len(other.with_label("ct")) == 4
+
+
+def test_big_instance_is_deterministic_and_reused(tmp_path: Path) -> None:
+    first = build_big_instance(tmp_path / "a", frames=3)
+    assert first == build_big_instance(tmp_path / "b", frames=3)  # same UIDs and sha256
+    data = (tmp_path / "a" / first.path).read_bytes()
+    ds = pydicom.dcmread(tmp_path / "a" / first.path)
+    assert (ds.NumberOfFrames, ds.Rows, ds.Columns, ds.BitsAllocated) == (3, 512, 512, 16)
+    assert len(ds.PixelData) == 3 * 512 * 512 * 2 and len(data) == first.size
+    assert first.number_of_frames == 3 and first.sop_uid == demo_uid("instance/big/0")
+
+    stamp = (tmp_path / "a" / first.path).stat().st_mtime_ns
+    assert build_big_instance(tmp_path / "a", frames=3) == first  # reused, not rewritten
+    assert (tmp_path / "a" / first.path).stat().st_mtime_ns == stamp
+    assert build_big_instance(tmp_path / "a", frames=4).number_of_frames == 4  # rebuilt
 
 
 def test_copied_samples_are_byte_identical(archive: Archive) -> None:

@@ -467,6 +467,89 @@ def _entry(root: Path, rel: str, label: str, origin: str, data: bytes) -> Archiv
     )
 
 
+#: The big multi-frame instance: 600 frames of 512x512 16-bit (~315 MB), the size of a
+#: breast tomosynthesis or enhanced CT object. Bump BIG_VERSION when its recipe changes.
+BIG_FRAMES = 600
+BIG_VERSION = 1
+BIG_NAME = "big.dcm"
+BIG_FORMAT = "dicomfs-demo-big-instance"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def build_big_instance(dest: Path, *, frames: int = BIG_FRAMES) -> ArchiveFile:
+    """Write one multi-frame CT of ``frames`` 512x512 frames into ``dest`` (or reuse it).
+
+    Why apart from the archive: at 315 MB it is too big for the archive every test builds;
+    the latency benchmark needs it to show that the first bytes of a big object do not wait
+    for the whole object. Deterministic like the archive (``demo_uid`` UIDs, frames from the
+    CT phantom and its seeded noise, for Jane Doe in a study of its own) and cached the same
+    way: reused when ``dest`` holds a file of the same recipe and size, else written next to
+    ``dest`` and renamed into place under a lock.
+    """
+    if frames < 1:
+        raise ValueError("frames must be at least 1")
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recipe = {"format": BIG_FORMAT, "version": BIG_VERSION, "frames": frames}
+    with _locked(dest.parent / f".{dest.name}.lock"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads((dest / MANIFEST_NAME).read_text(encoding="utf-8"))
+            entry = ArchiveFile(**data["file"])
+            if data["recipe"] == recipe and (dest / entry.path).stat().st_size == entry.size:
+                return entry
+        staging = dest.with_name(dest.name + ".building")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        entry = _entry(staging, BIG_NAME, "big", "generated", _encode(_big_dataset(frames)))
+        manifest = {"recipe": recipe, "file": asdict(entry)}
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n",
+                                             encoding="utf-8")
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+        return entry
+
+
+def _big_dataset(frames: int) -> Dataset:
+    """The big instance: the CT series' slices (phantom and noise) as frames of one object."""
+    spec = next(s for s in SERIES if s.key == "ct")
+    sop_uid = demo_uid("instance/big/0")
+    noise = _noise(spec)
+    ds = part10_dataset(ENHANCED_CT_IMAGE_STORAGE, sop_uid)
+    ds.SpecificCharacterSet = spec.patient.charset
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240801"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "100000"
+    ds.AccessionNumber = "DFSACC007"
+    ds.Modality = "CT"
+    ds.Manufacturer = "dicomfs demo"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT BIG MULTI-FRAME"
+    ds.SeriesDescription = f"Multi-frame {frames} frames"
+    ds.PatientName = spec.patient.name
+    ds.PatientID = spec.patient.id
+    ds.PatientBirthDate = spec.patient.birth_date
+    ds.PatientSex = spec.patient.sex
+    ds.StudyInstanceUID = demo_uid("study/big")
+    ds.SeriesInstanceUID = demo_uid("series/big")
+    ds.StudyID = "007"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = spec.size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    pixels = bytearray()
+    for i in range(frames):
+        image = _phantom("CT", spec.size, i / max(frames - 1, 1))
+        shifted = np.roll(noise, ((i * 37) % spec.size, (i * 91) % spec.size), axis=(0, 1))
+        pixels += (image + 1024 + shifted).astype("<i2").tobytes()
+    ds.PixelData = bytes(pixels)
+    return ds
+
+
 # --------------------------------------------------------------------------- generated series
 
 
