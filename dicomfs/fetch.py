@@ -287,9 +287,6 @@ class FetchEngine:
         transfer.done.set()
         return True
 
-    def fetching(self, key: Key) -> bool:
-        return key in self._transfers
-
     # -- scheduling -----------------------------------------------------------------------
 
     def _enqueue(self, key: Key, priority: Priority) -> Transfer:
