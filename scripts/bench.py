@@ -44,14 +44,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing: use its copy
     sys.path.insert(0, str(REPO))
 
-from dicomfs.demo.archive import (  # noqa: E402
-    Archive,
-    ArchiveFile,
+from tests.support.mounts import force_unmount, is_mounted, mount_points  # noqa: E402
+from tests.support.orthanc import LocalOrthanc  # noqa: E402
+from tests.support.sample import (  # noqa: E402
+    SampleArchive,
+    SampleFile,
     build_archive,
     build_big_instance,
 )
-from dicomfs.demo.mounts import force_unmount, is_mounted, mount_points  # noqa: E402
-from dicomfs.demo.orthanc import LocalOrthanc  # noqa: E402
 
 if __name__ == "__main__":  # scripts/bench_network.py imports this module: not a second copy
     sys.modules.setdefault("bench", sys.modules[__name__])
@@ -227,7 +227,7 @@ class SeriesRef:
         return sorted(self.files, key=lambda n: self.files[n].origin)[len(self.files) // 2]
 
 
-def series_ref(archive: Archive, entries: Sequence[ArchiveFile], study: str,
+def series_ref(archive: SampleArchive, entries: Sequence[SampleFile], study: str,
                series: str) -> SeriesRef:
     """A :class:`SeriesRef` from archive entries."""
     return SeriesRef(study, series, {f"{f.sop_uid}.dcm": FileRef(f.size, f.sha256,
@@ -256,7 +256,7 @@ def build_parallel_series(dest: Path) -> list[SeriesRef]:
             return refs
     import numpy as np
 
-    from dicomfs.demo.archive import part10_dataset
+    from tests.support.sample import part10_dataset
 
     def uid(name: str) -> str:
         return f"2.25.{uuid.uuid5(PARALLEL_NAMESPACE, name).int}"
@@ -696,8 +696,8 @@ class Bench:
         say(f"Orthanc on {orthanc.url}, storage {storage}")
         return orthanc
 
-    def _load(self, orthanc: LocalOrthanc, what: str, source: Archive | list[Path]) -> None:
-        report = (orthanc.load_archive(source) if isinstance(source, Archive)
+    def _load(self, orthanc: LocalOrthanc, what: str, source: SampleArchive | list[Path]) -> None:
+        report = (orthanc.load_archive(source) if isinstance(source, SampleArchive)
                   else orthanc.upload(source))
         self.data_notes.append(
             f"{what} into Orthanc: {report.uploaded} uploaded, "

@@ -1,7 +1,7 @@
 """The latency rows of ``scripts/bench`` (issue 13): what a person waits for on a remote server.
 
 At each emulated link of the network section (scripts/bench_network.py), through the same
-:class:`~dicomfs.demo.netem.LinkProxy`, each run measures side by side:
+:class:`~tests.support.netem.LinkProxy`, each run measures side by side:
 
 * first bytes by path: ``head -c 132`` of one CT instance opened by its full
   ``/studies/<study>/<series>/<instance>.dcm`` path on a fresh mount (new mount, empty
@@ -32,8 +32,8 @@ import bench
 import httpx
 from bench import BenchError, Measure, Target, say
 
-from dicomfs.demo.archive import ArchiveFile
-from dicomfs.demo.netem import LinkProxy
+from tests.support.netem import LinkProxy
+from tests.support.sample import SampleFile
 
 HEADER_BYTES = 132  # preamble and "DICM": what a header scan reads first
 BIG_PREFIX = 64 * 1024
@@ -172,7 +172,7 @@ class LatencyBench:
                 say(f"WRONG RESULT ({result.ls.label}): {result.ls.wrong[-1]}")
 
     def _big(self, result: LinkLatency, proxy: LinkProxy) -> None:
-        big: ArchiveFile = self.parent.big_instance
+        big: SampleFile = self.parent.big_instance
         origin = self.parent.big_instance_path
         url = (f"{proxy.url()}/studies/{big.study_uid}/series/{big.series_uid}/instances/"
                f"{big.sop_uid}")

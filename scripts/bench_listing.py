@@ -36,10 +36,10 @@ if str(REPO) not in sys.path:  # run from a checkout without installing: use its
     sys.path.insert(0, str(REPO))
 
 from dicomfs.client import ClientConfig, DicomwebClient  # noqa: E402
-from dicomfs.demo.archive import demo_uid  # noqa: E402
-from dicomfs.demo.mounts import force_unmount, is_mounted  # noqa: E402
-from dicomfs.demo.orthanc import LocalOrthanc  # noqa: E402
-from dicomfs.demo.tiny import tiny_instance  # noqa: E402
+from tests.support.mounts import force_unmount, is_mounted  # noqa: E402
+from tests.support.orthanc import LocalOrthanc  # noqa: E402
+from tests.support.sample import demo_uid  # noqa: E402
+from tests.support.tiny import tiny_instance  # noqa: E402
 
 HOME = REPO / ".cache" / "bench-10k"
 FAMILIES = ("Doe", "Smith", "Müller", "García", "Nguyen", "Иванов", "Παπαδόπουλος", "山田",

@@ -27,8 +27,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicomfs.demo.archive import build_archive  # noqa: E402
-from dicomfs.demo.orthanc import LocalOrthanc, free_port  # noqa: E402
+from tests.support.orthanc import LocalOrthanc, free_port  # noqa: E402
+from tests.support.sample import build_archive  # noqa: E402
 
 TESTDATA = Path(os.environ.get("DICOMFS_TESTDATA") or ROOT / ".cache" / "testdata")
 

@@ -1,7 +1,7 @@
 """The network section of ``scripts/bench``: readers of the CT series over emulated links.
 
 At three links (one-way delay, rate per connection and direction), each through a
-:class:`~dicomfs.demo.netem.LinkProxy` in front of the benchmark's Orthanc, and each reader
+:class:`~tests.support.netem.LinkProxy` in front of the benchmark's Orthanc, and each reader
 side by side in the same run (one run = every reader once, in turn):
 
 * one ``curl`` series stream (the reference of every ratio);
@@ -30,7 +30,7 @@ import bench
 from bench import BenchError, Measure, Target, say
 from bench_latency import LatencyBench
 
-from dicomfs.demo.netem import Counters, LinkProxy
+from tests.support.netem import Counters, LinkProxy
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,12 @@
 
 Fixtures:
 
-* ``archive`` (session): the sample archive (:func:`dicomfs.demo.build_archive`, 400 CT
+* ``archive`` (session): the sample archive (:func:`tests.support.build_archive`, 400 CT
   slices), cached across sessions in ``<repo>/.cache/testdata`` (``DICOMFS_TESTDATA`` moves it).
-* ``orthanc`` (session): a :class:`~dicomfs.demo.LocalOrthanc` with temporary storage, loaded
+* ``orthanc`` (session): a :class:`~tests.support.LocalOrthanc` with temporary storage, loaded
   with the archive. Fails (never skips) when Orthanc is missing.
 * ``orthanc_factory`` (function): more Orthancs, e.g. with ``users=`` for authentication tests.
-* ``tiny_pacs`` (session): a second, independent server (:class:`~dicomfs.demo.tinypacs.
+* ``tiny_pacs`` (session): a second, independent server (:class:`~tests.support.tinypacs.
   LocalTinyPacs`) loaded over STOW-RS with :func:`tiny_pacs_files` of the archive; fails (never
   skips) when tiny-pacs is missing. ``tiny_pacs_factory`` (function) starts more, e.g. with
   ``tokens=`` for bearer-token authentication.
@@ -17,7 +17,7 @@ Fixtures:
   even when the test failed, and its log is attached to the failure report.
 * ``mnt`` (function): one default mount of the session Orthanc.
 * ``link_factory`` (function): ``link_factory(url, delay=0.020, rate=25e6)`` starts a
-  :class:`~dicomfs.demo.netem.LinkProxy` (an emulated network link) in front of ``url``;
+  :class:`~tests.support.netem.LinkProxy` (an emulated network link) in front of ``url``;
   mount ``link.url()`` and read ``link.counters``. Every link is stopped after the test.
 
 FUSE is required: the session stops at once, with a non-zero status, without /dev/fuse or
@@ -40,11 +40,11 @@ from typing import Any, Protocol
 import httpx
 import pytest
 
-from dicomfs.demo import Archive, ArchiveFile, LocalOrthanc, OrthancError, build_archive
-from dicomfs.demo.mounts import force_unmount, is_mounted, run_quietly
-from dicomfs.demo.netem import LinkProxy
-from dicomfs.demo.orthanc import find_orthanc
-from dicomfs.demo.tinypacs import LocalTinyPacs, TinyPacsError
+from tests.support import LocalOrthanc, OrthancError, SampleArchive, SampleFile, build_archive
+from tests.support.mounts import force_unmount, is_mounted, run_quietly
+from tests.support.netem import LinkProxy
+from tests.support.orthanc import find_orthanc
+from tests.support.tinypacs import LocalTinyPacs, TinyPacsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTDATA_DIR = Path(os.environ.get("DICOMFS_TESTDATA") or REPO_ROOT / ".cache" / "testdata")
@@ -70,7 +70,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def archive() -> Archive:
+def archive() -> SampleArchive:
     """The sample archive, built once and reused by later sessions."""
     return build_archive(TESTDATA_DIR, ct_slices=CT_SLICES)
 
@@ -90,7 +90,8 @@ def _start_orthanc(storage: Path, **kwargs: Any) -> LocalOrthanc:
 
 
 @pytest.fixture(scope="session")
-def orthanc(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOrthanc]:
+def orthanc(archive: SampleArchive,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOrthanc]:
     """A private Orthanc holding the whole archive, for the whole session."""
     server = _start_orthanc(tmp_path_factory.mktemp("orthanc"))
     try:
@@ -106,7 +107,7 @@ class OrthancFactory(Protocol):
         *,
         users: Mapping[str, str] | None = None,
         config: Mapping[str, Any] | None = None,
-        load: Archive | None = None,
+        load: SampleArchive | None = None,
     ) -> LocalOrthanc: ...
 
 
@@ -119,7 +120,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
         *,
         users: Mapping[str, str] | None = None,
         config: Mapping[str, Any] | None = None,
-        load: Archive | None = None,
+        load: SampleArchive | None = None,
     ) -> LocalOrthanc:
         server = _start_orthanc(tmp_path / f"orthanc{len(servers)}", users=users, config=config)
         servers.append(server)
@@ -138,7 +139,7 @@ BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def tiny_pacs_files(archive: Archive) -> list[ArchiveFile]:
+def tiny_pacs_files(archive: SampleArchive) -> list[SampleFile]:
     """What the tiny-pacs fixtures load: every study of the archive (the MR series to page
     through, the non-ASCII names, every transfer syntax it stores) but the 200 MB CT series,
     which pages no better and would slow the suite, deflated objects, which tiny-pacs
@@ -158,7 +159,7 @@ def _start_tiny_pacs(storage: Path, tokens: Sequence[str] = ()) -> LocalTinyPacs
 
 
 @pytest.fixture(scope="session")
-def tiny_pacs(archive: Archive, tmp_path_factory: pytest.TempPathFactory
+def tiny_pacs(archive: SampleArchive, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[LocalTinyPacs]:
     """A private tiny-pacs holding :func:`tiny_pacs_files`, for the whole session."""
     server = _start_tiny_pacs(tmp_path_factory.mktemp("tiny-pacs"))
@@ -171,16 +172,16 @@ def tiny_pacs(archive: Archive, tmp_path_factory: pytest.TempPathFactory
 
 class TinyPacsFactory(Protocol):
     def __call__(self, *, tokens: Sequence[str] = (),
-                 load: Sequence[ArchiveFile] = ()) -> LocalTinyPacs: ...
+                 load: Sequence[SampleFile] = ()) -> LocalTinyPacs: ...
 
 
 @pytest.fixture
-def tiny_pacs_factory(archive: Archive, tmp_path: Path) -> Iterator[TinyPacsFactory]:
+def tiny_pacs_factory(archive: SampleArchive, tmp_path: Path) -> Iterator[TinyPacsFactory]:
     """Start extra tiny-pacs servers holding ``load``; all stopped after the test."""
     servers: list[LocalTinyPacs] = []
 
     def factory(*, tokens: Sequence[str] = (),
-                load: Sequence[ArchiveFile] = ()) -> LocalTinyPacs:
+                load: Sequence[SampleFile] = ()) -> LocalTinyPacs:
         server = _start_tiny_pacs(tmp_path / f"tiny-pacs{len(servers)}", tokens)
         servers.append(server)
         server.upload(archive.path(f) for f in load)

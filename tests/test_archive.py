@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import MountFactory
-from fakes import Reply, Seen, element, serving
 
 from dicomfs import dicomjson
 from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.demo import Archive as SampleArchive
 from dicomfs.store import Store, server_folder_name
+from tests.conftest import MountFactory
+from tests.support import SampleArchive
+from tests.support.fakes import Reply, Seen, element, serving
 
 STUDY = "1.2.826.0.1.9"
 

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from fakes import serving
-from test_client import WARNING_299, qido_pager, study_item
 
 from dicomfs import dicomjson, names
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.demo import Archive, ArchiveFile, LocalOrthanc, demo_uid
-from dicomfs.demo.tiny import tiny_instance
 from dicomfs.errors import BadRequest
 from dicomfs.tree import Kind, Tree
+from tests.support import LocalOrthanc, SampleArchive, SampleFile, demo_uid
+from tests.support.fakes import serving
+from tests.support.tiny import tiny_instance
+from tests.test_client import WARNING_299, qido_pager, study_item
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory, OrthancFactory
@@ -47,7 +47,7 @@ def uids(found: Iterable[dict[str, Any]]) -> set[str]:
     return {ds[dicomjson.STUDY_UID]["Value"][0] for ds in found}
 
 
-def as_dataset(entry: ArchiveFile) -> dicomjson.Dataset:
+def as_dataset(entry: SampleFile) -> dicomjson.Dataset:
     """A manifest entry as the QIDO attributes names.py reads."""
     def element(value: str) -> dict[str, Any]:
         return {"vr": "LO", "Value": [value]} if value else {"vr": "LO"}
@@ -55,7 +55,7 @@ def as_dataset(entry: ArchiveFile) -> dicomjson.Dataset:
             dicomjson.PATIENT_ID: element(entry.patient_id)}
 
 
-def expected_patients(archive: Archive) -> dict[tuple[str, str], set[str]]:
+def expected_patients(archive: SampleArchive) -> dict[tuple[str, str], set[str]]:
     """(patient name, patient ID) -> their StudyInstanceUIDs, from the manifest alone."""
     out: dict[tuple[str, str], set[str]] = defaultdict(set)
     for entry in archive.files:
@@ -86,7 +86,7 @@ def test_top_level(mnt: Mount) -> None:
     assert b"PatientID=123" in (mnt.path / "query" / "README.txt").read_bytes()
 
 
-def test_patients_are_the_archives(mnt: Mount, archive: Archive) -> None:
+def test_patients_are_the_archives(mnt: Mount, archive: SampleArchive) -> None:
     """Every patient of the archive, named from what pydicom decoded out of the files
     (each per its SpecificCharacterSet), with exactly its studies."""
     expected = expected_patients(archive)
@@ -137,7 +137,7 @@ def test_same_name_other_id_and_empty_names(mnt: Mount) -> None:
         "1996-10-29 (no description)", "1997-04-24 (no description)"]  # 1997.04.24 on file
 
 
-def test_patient_tree_down_to_the_files(mnt: Mount, archive: Archive) -> None:
+def test_patient_tree_down_to_the_files(mnt: Mount, archive: SampleArchive) -> None:
     study = mnt.path / "patients" / "Doe, Jane (DFS-0001)" / "2024-06-10 CT CHEST FOLLOW-UP"
     assert sorted(os.listdir(study)) == ["0001 CT Axial 5mm", "0002 CT Scout", "metadata.json"]
     series = study / "0001 CT Axial 5mm"
@@ -151,7 +151,7 @@ def test_patient_tree_down_to_the_files(mnt: Mount, archive: Archive) -> None:
         archive.series_files(archive.series_uid("ct"))[0])
 
 
-def test_twin_files_share_inode_bytes_and_one_download(mnt: Mount, archive: Archive,
+def test_twin_files_share_inode_bytes_and_one_download(mnt: Mount, archive: SampleArchive,
                                                        orthanc: LocalOrthanc) -> None:
     entry = archive.series_files(archive.series_uid("mr"))[0]  # instance number 1
     readable = (mnt.path / "patients" / "Smith, John (DFS-0002)" / "2024-02-20 MR BRAIN"
@@ -171,7 +171,7 @@ def test_twin_files_share_inode_bytes_and_one_download(mnt: Mount, archive: Arch
     assert orthanc.requests_since(mark) == []
 
 
-def test_tools_read_a_patient_folder(mnt: Mount, archive: Archive) -> None:
+def test_tools_read_a_patient_folder(mnt: Mount, archive: SampleArchive) -> None:
     """dcmdump walks /patients without following any link, and reads every file."""
     patient = mnt.path / "patients" / "Smith, John (DFS-0002)"
     result = subprocess.run(["dcmdump", "-q", "+sd", "+r", "+sp", "*.dcm", str(patient)],
@@ -220,7 +220,7 @@ QUERIES = [
 
 @pytest.mark.parametrize("query", QUERIES)
 def test_query_folder_is_the_servers_answer(mnt: Mount, orthanc: LocalOrthanc,
-                                            archive: Archive, query: str) -> None:
+                                            archive: SampleArchive, query: str) -> None:
     answer = uids(qido(orthanc, query))
     assert set(os.listdir(mnt.path / "query" / query)) == answer
     key, _, value = query.partition("=")
@@ -230,7 +230,7 @@ def test_query_folder_is_the_servers_answer(mnt: Mount, orthanc: LocalOrthanc,
         assert answer, "a query case whose answer is empty proves nothing"
 
 
-def test_query_folders_hold_the_same_files(mnt: Mount, archive: Archive) -> None:
+def test_query_folders_hold_the_same_files(mnt: Mount, archive: SampleArchive) -> None:
     entry = archive.series_files(archive.series_uid("mr"))[0]
     folder = mnt.path / "query" / "PatientID=DFS-0002"
     assert os.listdir(folder) == [entry.study_uid]
@@ -298,7 +298,7 @@ def test_scope_narrows_every_listing(mount_factory: MountFactory,
 
 
 def test_scope_by_tag(mount_factory: MountFactory, orthanc: LocalOrthanc,
-                      archive: Archive) -> None:
+                      archive: SampleArchive) -> None:
     mount = mount_factory(args=["--query", "00100020=DFS-0002"])
     assert os.listdir(mount.path / "studies") == [archive.study_uid("mr")]
     assert os.listdir(mount.path / "patients") == ["Smith, John (DFS-0002)"]
@@ -409,7 +409,7 @@ class FakeStore:
 
 
 class FakeArchive:
-    """The part of Archive that study listings use, counting what reaches the server."""
+    """The part of SampleArchive that study listings use, counting what reaches the server."""
 
     def __init__(self, studies: list[dicomjson.Dataset]) -> None:
         self.all = studies

@@ -18,13 +18,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from fakes import Forward, Proxy, wait_until
 
 from dicomfs.cli import default_cache_dir
-from dicomfs.demo import Archive, LocalOrthanc
-from dicomfs.demo.archive import ArchiveFile
-from dicomfs.demo.mounts import is_mounted
 from dicomfs.store import Key, server_folder_name
+from tests.support import LocalOrthanc, SampleArchive
+from tests.support.fakes import Forward, Proxy, wait_until
+from tests.support.mounts import is_mounted
+from tests.support.sample import SampleFile
 
 MiB = 1024**2
 DICOMFS = [sys.executable, "-m", "dicomfs"]
@@ -39,11 +39,11 @@ ENTRY_NAME = re.compile(
 # --------------------------------------------------------------------------- helpers
 
 
-def instance_path(root: Path, entry: ArchiveFile) -> Path:
+def instance_path(root: Path, entry: SampleFile) -> Path:
     return root / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
 
 
-def series_folder(root: Path, archive: Archive, label: str) -> Path:
+def series_folder(root: Path, archive: SampleArchive, label: str) -> Path:
     return root / "studies" / archive.study_uid(label) / archive.series_uid(label)
 
 
@@ -82,7 +82,7 @@ def temp_files(cache_dir: Path) -> list[str]:
     return sorted(os.listdir(cache_dir)) if cache_dir.is_dir() else []
 
 
-def check_files(root: Path, archive: Archive, entries: Iterable[ArchiveFile]) -> None:
+def check_files(root: Path, archive: SampleArchive, entries: Iterable[SampleFile]) -> None:
     for entry in entries:
         assert instance_path(root, entry).read_bytes() == archive.read(entry), entry.sop_uid
 
@@ -159,7 +159,7 @@ def test_cache_keys_of_valid_uids() -> None:
     assert Key("1.2", "1.3", "1.4", "png").relpath() == "1.2/1.3/1.4.png"
 
 
-def test_cache_folders_are_private_and_named_by_uids(mount_factory, archive: Archive,
+def test_cache_folders_are_private_and_named_by_uids(mount_factory, archive: SampleArchive,
                                                      tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o755)
@@ -193,7 +193,7 @@ def test_cache_folders_are_private_and_named_by_uids(mount_factory, archive: Arc
 
 
 def test_remount_reads_cached_data_without_server_requests(
-        mount_factory, archive: Archive, orthanc: LocalOrthanc, tmp_path: Path) -> None:
+        mount_factory, archive: SampleArchive, orthanc: LocalOrthanc, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     files = archive.series_files(archive.series_uid("mr"))
     study_meta = Path("studies") / archive.study_uid("mr") / "metadata.json"
@@ -224,7 +224,7 @@ def test_remount_reads_cached_data_without_server_requests(
 # --------------------------------------------------------------------------- 3. kill -9
 
 
-def test_kill_9_during_a_transfer_leaves_a_sound_cache(mount_factory, archive: Archive,
+def test_kill_9_during_a_transfer_leaves_a_sound_cache(mount_factory, archive: SampleArchive,
                                                        tmp_path: Path) -> None:
     files = archive.series_files(archive.series_uid("ct"))
     # A part lands in about a millisecond now, so a kill can fall between two parts or
@@ -286,7 +286,7 @@ def _kill_mid_transfer(mount_factory, cache: Path, files) -> tuple:  # type: ign
 # --------------------------------------------------------------------------- 4. eviction
 
 
-def test_eviction_keeps_the_cache_bounded(mount_factory, archive: Archive,
+def test_eviction_keeps_the_cache_bounded(mount_factory, archive: SampleArchive,
                                           orthanc: LocalOrthanc, tmp_path: Path) -> None:
     limit = 40 * MiB
     cache = tmp_path / "cache"
@@ -353,7 +353,7 @@ def test_eviction_keeps_the_cache_bounded(mount_factory, archive: Archive,
 
 
 def test_reading_a_series_larger_than_the_cache_fetches_it_about_once(
-        mount_factory, archive: Archive, orthanc: LocalOrthanc) -> None:
+        mount_factory, archive: SampleArchive, orthanc: LocalOrthanc) -> None:
     """The series prefetch must not download a series several times over because the
     cache cannot hold it: reading it once should cost about one transfer of it."""
     files = archive.series_files(archive.series_uid("mr"))  # 30 x 130 KB, in a 1 MiB cache
@@ -373,7 +373,7 @@ def test_reading_a_series_larger_than_the_cache_fetches_it_about_once(
 # --------------------------------------------------------------------------- 5. offline
 
 
-def test_offline_mount_serves_the_cache(mount_factory, orthanc_factory, archive: Archive,
+def test_offline_mount_serves_the_cache(mount_factory, orthanc_factory, archive: SampleArchive,
                                         tmp_path: Path) -> None:
     server = orthanc_factory(load=archive)
     url = server.dicomweb_url
@@ -435,13 +435,13 @@ def test_offline_mount_serves_the_cache(mount_factory, orthanc_factory, archive:
 # --------------------------------------------------------------------------- 6. two mounts
 
 
-def test_two_mounts_share_one_cache(mount_factory, archive: Archive, tmp_path: Path) -> None:
+def test_two_mounts_share_one_cache(mount_factory, archive: SampleArchive, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     one = mount_factory(cache_dir=cache)
     two = mount_factory(cache_dir=cache)
     failures: list[str] = []
 
-    def read_all(root: Path, entries: list[ArchiveFile]) -> None:
+    def read_all(root: Path, entries: list[SampleFile]) -> None:
         for entry in entries:
             try:
                 if instance_path(root, entry).read_bytes() != archive.read(entry):
@@ -472,7 +472,7 @@ def test_two_mounts_share_one_cache(mount_factory, archive: Archive, tmp_path: P
 # --------------------------------------------------------------------------- 7. CLI
 
 
-def test_cache_info_and_clear(mount_factory, archive: Archive, tmp_path: Path) -> None:
+def test_cache_info_and_clear(mount_factory, archive: SampleArchive, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     mount = mount_factory(cache_dir=cache)
     check_files(mount.path, archive, archive.series_files(archive.series_uid("mr")))
@@ -499,7 +499,7 @@ def test_cache_info_and_clear(mount_factory, archive: Archive, tmp_path: Path) -
 
 
 def test_prefetch_fills_the_cache_resumably_for_offline_use(
-        mount_factory, orthanc_factory, archive: Archive, tmp_path: Path) -> None:
+        mount_factory, orthanc_factory, archive: SampleArchive, tmp_path: Path) -> None:
     files = archive.series_files(archive.series_uid("mr"))
     server = orthanc_factory()
     server.upload([archive.path(f) for f in files], sop_uids=[f.sop_uid for f in files])
@@ -546,7 +546,7 @@ def test_prefetch_fills_the_cache_resumably_for_offline_use(
 
 
 def test_metadata_of_a_growing_study_is_refetched(mount_factory, orthanc_factory,
-                                                  archive: Archive) -> None:
+                                                  archive: SampleArchive) -> None:
     files = archive.series_files(archive.series_uid("mr"))
     half = len(files) // 2
     server = orthanc_factory()
@@ -577,7 +577,7 @@ def test_metadata_of_a_growing_study_is_refetched(mount_factory, orthanc_factory
 # --------------------------------------------------------------------------- 9. promises
 
 
-def test_cache_clear_of_one_server_keeps_the_others(orthanc: LocalOrthanc, archive: Archive,
+def test_cache_clear_of_one_server_keeps_the_others(orthanc: LocalOrthanc, archive: SampleArchive,
                                                     tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     small = archive.with_label("pydicom/MR_small.dcm")[0]
@@ -613,7 +613,7 @@ def test_a_cache_folder_of_another_user_is_refused(orthanc: LocalOrthanc, tmp_pa
     assert os.listdir(cache) == []
 
 
-def test_logs_listings_and_server_record_are_0600(orthanc: LocalOrthanc, archive: Archive,
+def test_logs_listings_and_server_record_are_0600(orthanc: LocalOrthanc, archive: SampleArchive,
                                                   tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     point = tmp_path / "mnt"
@@ -660,7 +660,7 @@ def test_the_cache_keeps_a_tenth_of_a_small_disk_free(tmp_path: Path) -> None:
         subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_an_interrupted_prefetch_resumes(orthanc_factory, archive: Archive, tmp_path: Path
+def test_an_interrupted_prefetch_resumes(orthanc_factory, archive: SampleArchive, tmp_path: Path
                                          ) -> None:
     """Ctrl-C in the middle of a prefetch, then the same command: it completes, and no
     instance cached by the first run is asked for again."""

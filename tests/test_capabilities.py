@@ -11,11 +11,11 @@ import os
 from typing import TYPE_CHECKING
 
 import pytest
-from fakes import Reply, one_series_app, serving
 
 from dicomfs import capabilities
-from dicomfs.demo import demo_uid
 from dicomfs.store import server_folder_name
+from tests.support import demo_uid
+from tests.support.fakes import Reply, one_series_app, serving
 
 if TYPE_CHECKING:
     from conftest import MountFactory

@@ -36,8 +36,6 @@ import trio
 import dicomfs.client
 from dicomfs import __version__, dicomjson
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.demo import Archive, LocalOrthanc, demo_uid
-from dicomfs.demo.orthanc import free_port
 from dicomfs.errors import (
     BadRequest,
     DicomwebError,
@@ -49,6 +47,8 @@ from dicomfs.errors import (
     Unreachable,
 )
 from dicomfs.multipart import Event, PartData, PartEnd, PartStart
+from tests.support import LocalOrthanc, SampleArchive, demo_uid
+from tests.support.orthanc import free_port
 
 if TYPE_CHECKING:
     from conftest import OrthancFactory
@@ -58,7 +58,7 @@ SINGLE_ACCEPT = "application/dicom; transfer-syntax=*"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 
-# Every transfer syntax the sample archive holds (see dicomfs/demo/archive.py).
+# Every transfer syntax the sample archive holds (see tests/support/sample.py).
 ARCHIVE_SYNTAXES = {
     "1.2.840.10008.1.2",  # implicit VR little endian
     "1.2.840.10008.1.2.1",  # explicit VR little endian
@@ -154,7 +154,7 @@ def record_requests(client: DicomwebClient) -> list[httpx.Request]:
 # =========================================================================== A: real Orthanc
 
 
-async def test_every_instance_byte_identical(orthanc: LocalOrthanc, archive: Archive) -> None:
+async def test_every_instance_byte_identical(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     """Each archive instance, retrieved alone, is exactly the file Orthanc stored."""
     limiter = trio.CapacityLimiter(4)
     covered: Counter[str] = Counter()
@@ -186,7 +186,7 @@ async def test_every_instance_byte_identical(orthanc: LocalOrthanc, archive: Arc
 
 @pytest.mark.parametrize("label", ["ct", "mr"])
 async def test_series_retrieve_every_instance_once(
-    orthanc: LocalOrthanc, archive: Archive, label: str
+    orthanc: LocalOrthanc, archive: SampleArchive, label: str
 ) -> None:
     study, series = archive.study_uid(label), archive.series_uid(label)
     expected = {f.sop_uid for f in archive.series_files(series)}
@@ -205,7 +205,7 @@ async def test_series_retrieve_every_instance_once(
 
 
 async def test_single_part_config_falls_back_on_orthanc(
-    orthanc: LocalOrthanc, archive: Archive
+    orthanc: LocalOrthanc, archive: SampleArchive
 ) -> None:
     """Orthanc 1.7 answers 400 to single-part Accept: the client asks again as multipart."""
     f = archive.with_label("pydicom/MR_small_bigendian.dcm")[0]
@@ -222,7 +222,7 @@ async def test_single_part_config_falls_back_on_orthanc(
 
 
 async def test_study_and_series_metadata_list_every_instance(
-    orthanc: LocalOrthanc, archive: Archive
+    orthanc: LocalOrthanc, archive: SampleArchive
 ) -> None:
     async with orthanc_client(orthanc) as client:
         for study in archive.studies:
@@ -244,7 +244,7 @@ async def test_study_and_series_metadata_list_every_instance(
     assert archive.series[ct] == 400
 
 
-async def test_paging_studies(orthanc: LocalOrthanc, archive: Archive) -> None:
+async def test_paging_studies(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     async with orthanc_client(orthanc) as client:
         default = uids(await client.search_studies(), dicomjson.STUDY_UID)
     async with orthanc_client(orthanc, page_size=3) as client:
@@ -262,7 +262,7 @@ async def test_paging_studies(orthanc: LocalOrthanc, archive: Archive) -> None:
     assert requests == ["GET /dicom-web/studies"] * len(offsets)
 
 
-async def test_paging_instances(orthanc: LocalOrthanc, archive: Archive) -> None:
+async def test_paging_instances(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     study, series = archive.study_uid("ct"), archive.series_uid("ct")
     async with orthanc_client(orthanc, page_size=7) as client:
         sent = record_requests(client)
@@ -277,7 +277,7 @@ async def test_paging_instances(orthanc: LocalOrthanc, archive: Archive) -> None
     assert set(requests) == {f"GET /dicom-web/studies/{study}/series/{series}/instances"}
 
 
-async def test_search_series_and_instances(orthanc: LocalOrthanc, archive: Archive) -> None:
+async def test_search_series_and_instances(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     async with orthanc_client(orthanc) as client:
         for study in archive.studies:
             found = uids(await client.search_series(study), dicomjson.SERIES_UID)
@@ -308,7 +308,7 @@ async def test_search_series_and_instances(orthanc: LocalOrthanc, archive: Archi
 
 
 async def test_includefield_beyond_server_defaults(
-    orthanc: LocalOrthanc, archive: Archive
+    orthanc: LocalOrthanc, archive: SampleArchive
 ) -> None:
     """Fields the client asks for that Orthanc does not return by default must come back.
 
@@ -328,7 +328,7 @@ async def test_includefield_beyond_server_defaults(
     assert {dicomjson.integer(i, dicomjson.SAMPLES_PER_PIXEL) for i in instances} == {1}
 
 
-async def test_rendered(orthanc: LocalOrthanc, archive: Archive) -> None:
+async def test_rendered(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     ct = archive.with_label("ct")[200]
     emri = archive.with_label("pydicom/emri_small.dcm")[0]
     color = archive.with_label("pydicom/color3d_jpeg_baseline.dcm")[0]
@@ -353,7 +353,7 @@ async def test_rendered(orthanc: LocalOrthanc, archive: Archive) -> None:
             assert len(orthanc.requests_since(mark)) == 1  # a 400 is not retried
 
 
-async def test_not_found(orthanc: LocalOrthanc, archive: Archive) -> None:
+async def test_not_found(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     missing = demo_uid("study/that-does-not-exist")
     ct_study, ct_series = archive.study_uid("ct"), archive.series_uid("ct")
     async with orthanc_client(orthanc) as client:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from fakes import Reply, one_series_app, serving
 
 from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.demo.tiny import tiny_instance
 from dicomfs.errors import ServerError
 from dicomfs.fetch import FetchEngine, Priority
 from dicomfs.store import Key, Store
+from tests.support.fakes import Reply, one_series_app, serving
+from tests.support.tiny import tiny_instance
 
 STUDY, SERIES = "1.2.826.0.1.1", "1.2.826.0.1.1.1"
 BOUNDARY = "b0undary"

@@ -19,16 +19,16 @@ import httpx
 import pydicom
 import pytest
 
-from dicomfs.demo import Archive, LocalOrthanc, build_archive, demo_uid
-from dicomfs.demo.archive import build_big_instance, sample_source
-from dicomfs.demo.mounts import is_mounted
+from tests.support import LocalOrthanc, SampleArchive, build_archive, demo_uid
+from tests.support.mounts import is_mounted
+from tests.support.sample import build_big_instance, sample_source
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory, OrthancFactory
 
 CT_SLICES = 400  # what the session archive fixture builds (tests/conftest.py)
 
-# Syntaxes the archive promises to cover (see dicomfs/demo/archive.py).
+# Syntaxes the archive promises to cover (see tests/support/sample.py).
 REQUIRED_SYNTAXES = {
     "1.2.840.10008.1.2": "implicit VR little endian",
     "1.2.840.10008.1.2.1": "explicit VR little endian",
@@ -59,7 +59,7 @@ def _has_preamble(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM"
 
 
-def test_archive_contents(archive: Archive) -> None:
+def test_archive_contents(archive: SampleArchive) -> None:
     ct = archive.with_label("ct")
     assert len(ct) == CT_SLICES
     assert all(f.size > 512 * 512 * 2 for f in ct)
@@ -115,7 +115,7 @@ def test_big_instance_is_deterministic_and_reused(tmp_path: Path) -> None:
     assert build_big_instance(tmp_path / "a", frames=4).number_of_frames == 4  # rebuilt
 
 
-def test_copied_samples_are_byte_identical(archive: Archive) -> None:
+def test_copied_samples_are_byte_identical(archive: SampleArchive) -> None:
     copied = [f for f in archive.files if f.origin == "copied" and "/" in f.label]
     assert len(copied) > 30
     for f in copied:
@@ -129,7 +129,7 @@ def _values(items: list[dict], tag: str) -> set[str]:
     return {item[tag]["Value"][0] for item in items}
 
 
-def test_orthanc_has_every_instance(orthanc: LocalOrthanc, archive: Archive) -> None:
+def test_orthanc_has_every_instance(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     with httpx.Client(base_url=orthanc.dicomweb_url, headers=DICOM_JSON, timeout=60) as http:
         studies = http.get("/studies", params={"limit": 10000}).json()
         assert _values(studies, "0020000D") == set(archive.studies)
@@ -143,7 +143,7 @@ def test_orthanc_has_every_instance(orthanc: LocalOrthanc, archive: Archive) -> 
     assert orthanc.statistics()["CountInstances"] == len(archive.files)
 
 
-def test_orthanc_names_are_utf8(orthanc: LocalOrthanc, archive: Archive) -> None:
+def test_orthanc_names_are_utf8(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     """DefaultEncoding Utf8: non-Latin names must come back intact over QIDO."""
     for label in ("slash-name", "charset/chrRuss.dcm", "charset/chrGreek.dcm"):
         expected = archive.with_label(label)[0]
@@ -156,13 +156,14 @@ def test_orthanc_names_are_utf8(orthanc: LocalOrthanc, archive: Archive) -> None
         assert name == expected.patient_name
 
 
-def test_orthanc_stores_files_unchanged(orthanc: LocalOrthanc, archive: Archive) -> None:
+def test_orthanc_stores_files_unchanged(orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     one_per_syntax = {f.transfer_syntax: f for f in archive.files}
     for f in one_per_syntax.values():
         assert orthanc.instance_file(f.sop_uid) == archive.read(f), f.label
 
 
-def test_requests_since_sees_dicomweb_requests(orthanc: LocalOrthanc, archive: Archive) -> None:
+def test_requests_since_sees_dicomweb_requests(orthanc: LocalOrthanc,
+                                               archive: SampleArchive) -> None:
     study = archive.study_uid("ct")
     mark = orthanc.mark()
     assert orthanc.requests_since(mark) == []

@@ -18,15 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO_ROOT
-from fakes import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicomfs.cli import fuse_helper_argv
-from dicomfs.demo import Archive, LocalOrthanc
-from dicomfs.demo.netem import LinkProxy, _ResponseBodies
-from dicomfs.demo.orthanc import free_port
 from dicomfs.metrics import KINDS, parse_address, request_kind
+from tests.conftest import REPO_ROOT
+from tests.support import LocalOrthanc, SampleArchive
+from tests.support.fakes import wait_until
+from tests.support.netem import LinkProxy, _ResponseBodies
+from tests.support.orthanc import free_port
 
 SETTLE = 30.0  # seconds for background requests (read-ahead, listing ahead) to end
 DICOMWEB = "/dicom-web"
@@ -112,7 +112,7 @@ def by_kind(samples: list[Any]) -> dict[str, int]:
     return {kind: count for kind, count in counts.items() if count}
 
 
-def read_mr_series(root: Path, archive: Archive) -> None:
+def read_mr_series(root: Path, archive: SampleArchive) -> None:
     """Every file of the 30-slice MR series, checked, and the series' metadata.json."""
     folder = root / "studies" / archive.study_uid("mr") / archive.series_uid("mr")
     files = archive.series_files(archive.series_uid("mr"))
@@ -159,7 +159,7 @@ def dicomfs_status(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_counters_equal_what_the_server_logged_and_sent(
-        orthanc: LocalOrthanc, archive: Archive, link_factory, mount_factory,
+        orthanc: LocalOrthanc, archive: SampleArchive, link_factory, mount_factory,
         tmp_path: Path) -> None:
     link = link_factory(orthanc.dicomweb_url)  # no delay, no cap: it only counts
     cache = tmp_path / "cache"
@@ -256,7 +256,7 @@ def test_a_taken_metrics_port_fails_the_mount(mount_factory, orthanc: LocalOrtha
     assert f"cannot serve metrics at {address}" in result.stderr
 
 
-def test_json_log_lines_parse_and_name_no_patient(mount_factory, archive: Archive) -> None:
+def test_json_log_lines_parse_and_name_no_patient(mount_factory, archive: SampleArchive) -> None:
     mnt = mount_factory(args=["--log-format", "json", "--log-level", "info"])
     for patient in os.listdir(mnt.path / "patients"):
         for study in os.listdir(mnt.path / "patients" / patient):

@@ -20,19 +20,19 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from conftest import check_listings_equal_qido
-from fakes import Forward, Proxy, Request, Stall
 
 from dicomfs import capabilities
-from dicomfs.demo import Archive, LocalOrthanc
-from dicomfs.demo.archive import part10_dataset
-from dicomfs.demo.mounts import is_mounted
 from dicomfs.store import server_folder_name
+from tests.conftest import check_listings_equal_qido
+from tests.support import LocalOrthanc, SampleArchive
+from tests.support.fakes import Forward, Proxy, Request, Stall
+from tests.support.mounts import is_mounted
+from tests.support.sample import part10_dataset
 
 INSTANCE_REQUEST = "/instances/"  # a WADO-RS instance path, as opposed to a QIDO search
 
 
-def series_dir(root: Path, archive: Archive, label: str) -> Path:
+def series_dir(root: Path, archive: SampleArchive, label: str) -> Path:
     return root / "studies" / archive.study_uid(label) / archive.series_uid(label)
 
 
@@ -44,7 +44,8 @@ def test_listings_equal_qido(mnt, orthanc: LocalOrthanc) -> None:
     assert json.loads(note.read_text()) == {"metadata": True, "rendered": True}
 
 
-def test_every_instance_is_byte_identical(mnt, archive: Archive, orthanc: LocalOrthanc) -> None:
+def test_every_instance_is_byte_identical(mnt, archive: SampleArchive,
+                                          orthanc: LocalOrthanc) -> None:
     for entry in archive.files:
         path = mnt.path / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
         assert path.read_bytes() == archive.read(entry), entry.label
@@ -54,7 +55,7 @@ def test_every_instance_is_byte_identical(mnt, archive: Archive, orthanc: LocalO
         assert path.read_bytes() == orthanc.instance_file(entry.sop_uid)
 
 
-def test_stat_then_mmap_gives_whole_files(mnt, archive: Archive) -> None:
+def test_stat_then_mmap_gives_whole_files(mnt, archive: SampleArchive) -> None:
     folder = series_dir(mnt.path, archive, "mr")
     for entry in archive.series_files(archive.series_uid("mr")):
         path = folder / f"{entry.sop_uid}.dcm"
@@ -66,7 +67,7 @@ def test_stat_then_mmap_gives_whole_files(mnt, archive: Archive) -> None:
         assert path.stat().st_size == entry.size  # and now exact for everyone
 
 
-def test_pages_dropped_after_an_open_without_descriptor(mnt, archive: Archive,
+def test_pages_dropped_after_an_open_without_descriptor(mnt, archive: SampleArchive,
                                                         orthanc: LocalOrthanc) -> None:
     """A second open of a file the kernel holds whole opens nothing on our side; if the
     kernel then drops the pages, its READs must still get the right bytes."""
@@ -89,7 +90,7 @@ def test_pages_dropped_after_an_open_without_descriptor(mnt, archive: Archive,
         assert any(line.endswith(f"/{entry.sop_uid}.dcm") for line in reads), reads
 
 
-def test_cp_r_of_a_series(mnt, archive: Archive, tmp_path: Path) -> None:
+def test_cp_r_of_a_series(mnt, archive: SampleArchive, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(series_dir(mnt.path, archive, "ct")), str(copy)],
                    check=True)
@@ -100,7 +101,7 @@ def test_cp_r_of_a_series(mnt, archive: Archive, tmp_path: Path) -> None:
     assert (copy / "metadata.json").stat().st_size > 0
 
 
-def test_dcmdump_reads_every_file(mnt, archive: Archive) -> None:
+def test_dcmdump_reads_every_file(mnt, archive: SampleArchive) -> None:
     """dcmdump finds and parses every instance: each file, then its SOP Instance UID."""
     result = subprocess.run(["dcmdump", "-q", "+sd", "+r", "+sp", "*.dcm", "+F",
                              "+P", "SOPInstanceUID", str(mnt.path / "studies")],
@@ -111,7 +112,7 @@ def test_dcmdump_reads_every_file(mnt, archive: Archive) -> None:
     assert sorted(dumped) == sorted((sop, sop) for sop in archive.by_sop)
 
 
-def test_simpleitk_reads_the_ct_volume(mnt, archive: Archive) -> None:
+def test_simpleitk_reads_the_ct_volume(mnt, archive: SampleArchive) -> None:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -122,7 +123,7 @@ def test_simpleitk_reads_the_ct_volume(mnt, archive: Archive) -> None:
     assert image.GetSize() == (512, 512, archive.ct_slices)
 
 
-def test_dcm2niix_converts_the_ct_series(mnt, archive: Archive, tmp_path: Path) -> None:
+def test_dcm2niix_converts_the_ct_series(mnt, archive: SampleArchive, tmp_path: Path) -> None:
     out = tmp_path / "nifti"
     out.mkdir()
     dcm2niix = Path(sys.executable).parent / "dcm2niix"
@@ -136,7 +137,7 @@ def test_dcm2niix_converts_the_ct_series(mnt, archive: Archive, tmp_path: Path) 
     assert niftis[0].stat().st_size >= 512 * 512 * 2 * archive.ct_slices
 
 
-def test_listing_makes_no_instance_request(mnt, archive: Archive, orthanc: LocalOrthanc
+def test_listing_makes_no_instance_request(mnt, archive: SampleArchive, orthanc: LocalOrthanc
                                            ) -> None:
     mark = orthanc.mark()
     result = subprocess.run(["ls", "-l", str(series_dir(mnt.path, archive, "ct"))],
@@ -149,7 +150,7 @@ def test_listing_makes_no_instance_request(mnt, archive: Archive, orthanc: Local
     assert not [r for r in requests if "metadata" in r]
 
 
-def test_attributes(mnt, archive: Archive, orthanc: LocalOrthanc) -> None:
+def test_attributes(mnt, archive: SampleArchive, orthanc: LocalOrthanc) -> None:
     study = mnt.path / "studies" / archive.study_uid("ct")
     assert stat.S_IMODE(study.stat().st_mode) == 0o555
     folder = series_dir(mnt.path, archive, "ct")
@@ -183,7 +184,7 @@ def test_uid_and_gid_options(mount_factory) -> None:
     assert (info.st_uid, info.st_gid) == (1234, 4321)
 
 
-def test_writes_fail_with_erofs(mnt, archive: Archive) -> None:
+def test_writes_fail_with_erofs(mnt, archive: SampleArchive) -> None:
     folder = series_dir(mnt.path, archive, "mr")
     existing = next(folder.glob("*.dcm"))
     attempts = [
@@ -215,7 +216,7 @@ def test_missing_and_junk_names(mnt, orthanc: LocalOrthanc) -> None:
 
 
 def test_study_missing_from_the_listing_is_reachable(mount_factory, orthanc_factory,
-                                                      archive: Archive) -> None:
+                                                      archive: SampleArchive) -> None:
     """A study the listing does not show (a server's cap, or newer than the cached
     listing, as here) is still reachable by its UID."""
     server = orthanc_factory()
@@ -230,7 +231,7 @@ def test_study_missing_from_the_listing_is_reachable(mount_factory, orthanc_fact
     assert path.read_bytes() == archive.read(later)
 
 
-def test_many_readers_at_once(mnt, archive: Archive) -> None:
+def test_many_readers_at_once(mnt, archive: SampleArchive) -> None:
     entries = [f for f in archive.files if f.label != "ct"]
 
     def read(entry) -> bool:  # type: ignore[no-untyped-def]
@@ -241,7 +242,7 @@ def test_many_readers_at_once(mnt, archive: Archive) -> None:
         assert all(pool.map(read, entries))
 
 
-def test_metadata_json_is_the_servers_answer(mnt, archive: Archive, orthanc: LocalOrthanc
+def test_metadata_json_is_the_servers_answer(mnt, archive: SampleArchive, orthanc: LocalOrthanc
                                              ) -> None:
     study = archive.study_uid("mr")
     served = (mnt.path / "studies" / study / "metadata.json").read_bytes()
@@ -250,7 +251,7 @@ def test_metadata_json_is_the_servers_answer(mnt, archive: Archive, orthanc: Loc
     assert served == direct
 
 
-def test_rendered_mirror(mnt, archive: Archive) -> None:
+def test_rendered_mirror(mnt, archive: SampleArchive) -> None:
     entry = archive.series_files(archive.series_uid("mr"))[0]
     folder = mnt.path / "rendered" / entry.study_uid / entry.series_uid
     assert f"{entry.sop_uid}.png" in os.listdir(folder)
@@ -327,7 +328,7 @@ def test_fstab_style_mount(orthanc: LocalOrthanc, tmp_path: Path) -> None:
         subprocess.run(["fusermount3", "-u", str(point)], capture_output=True)
 
 
-def test_cache_folder_is_private(mnt, archive: Archive) -> None:
+def test_cache_folder_is_private(mnt, archive: SampleArchive) -> None:
     entry = archive.with_label("mr")[0]
     assert (series_dir(mnt.path, archive, "mr") / f"{entry.sop_uid}.dcm").read_bytes()
     folders = [Path(folder) for folder, _dirs, _files in os.walk(mnt.cache_dir)]
@@ -339,7 +340,7 @@ def test_cache_folder_is_private(mnt, archive: Archive) -> None:
 
 
 def test_removing_a_mount_point_copy_leaves_the_server_alone(
-        mnt, archive: Archive, orthanc: LocalOrthanc, tmp_path: Path) -> None:
+        mnt, archive: SampleArchive, orthanc: LocalOrthanc, tmp_path: Path) -> None:
     """rm -r of a copy is harmless, and rm -r of the mount itself is refused; neither
     sends the server anything but GET requests."""
     files = archive.series_files(archive.series_uid("mr"))
@@ -365,7 +366,7 @@ def test_removing_a_mount_point_copy_leaves_the_server_alone(
 
 @pytest.mark.parametrize("limit", [1, 3])
 def test_max_connections_bounds_parallel_connections(
-        mount_factory, orthanc: LocalOrthanc, archive: Archive, limit: int) -> None:
+        mount_factory, orthanc: LocalOrthanc, archive: SampleArchive, limit: int) -> None:
     files = [f for f in archive.files if f.label != "ct"]
     with Proxy(orthanc.url, lambda request: Forward()) as proxy:
         mount = mount_factory(proxy.url("/dicom-web"), args=["--max-connections", str(limit)])
@@ -375,7 +376,7 @@ def test_max_connections_bounds_parallel_connections(
     assert {r.method for r in proxy.seen} == {"GET"}  # the promise: nothing but GET
 
 
-def read_threads(root: Path, archive: Archive, entries: list, workers: int = 8  # type: ignore[type-arg]
+def read_threads(root: Path, archive: SampleArchive, entries: list, workers: int = 8  # type: ignore[type-arg]
                  ) -> None:
     """Read ``entries`` through the mount with ``workers`` threads, all byte-identical."""
     def read(entry) -> bool:  # type: ignore[no-untyped-def]
@@ -387,7 +388,7 @@ def read_threads(root: Path, archive: Archive, entries: list, workers: int = 8  
 
 
 def test_qido_and_wado_urls_split_the_requests(mount_factory, orthanc: LocalOrthanc,
-                                               archive: Archive) -> None:
+                                               archive: SampleArchive) -> None:
     """Searches go to --qido-url, retrieves and metadata to --wado-url; URL itself is not
     used for either (here it does not even answer)."""
     files = archive.series_files(archive.series_uid("mr"))[:3]
@@ -407,7 +408,7 @@ def test_qido_and_wado_urls_split_the_requests(mount_factory, orthanc: LocalOrth
 
 
 def test_transfer_syntax_option_asks_for_another_encoding(mount_factory,
-                                                          archive: Archive) -> None:
+                                                          archive: SampleArchive) -> None:
     implicit = next(f for f in archive.files if f.transfer_syntax == "1.2.840.10008.1.2")
     explicit = "1.2.840.10008.1.2.1"
     mount = mount_factory(args=["--transfer-syntax", explicit])
@@ -422,7 +423,7 @@ def test_transfer_syntax_option_asks_for_another_encoding(mount_factory,
 
 
 def test_single_part_option_asks_for_single_part(mount_factory, orthanc: LocalOrthanc,
-                                                 archive: Archive) -> None:
+                                                 archive: SampleArchive) -> None:
     """Orthanc's plugin refuses single-part, so the mount asks again in multipart form:
     the bytes are right, and the first ask was single-part."""
     entry = archive.with_label("mr")[0]
@@ -436,7 +437,7 @@ def test_single_part_option_asks_for_single_part(mount_factory, orthanc: LocalOr
 
 
 def test_deadline_bounds_a_stalled_read(mount_factory, orthanc: LocalOrthanc,
-                                        archive: Archive) -> None:
+                                        archive: SampleArchive) -> None:
     """A server that accepts and then says nothing: with --timeout 60 the read would wait a
     minute per try; --deadline 2 makes it an EIO long before (the thread join bound)."""
     entry = archive.with_label("mr")[0]
@@ -465,7 +466,7 @@ def read_or_errno(path: Path) -> bytes | int:
         return exc.errno or -1
 
 
-def test_study_outside_the_query_opens_by_uid(mount_factory, archive: Archive) -> None:
+def test_study_outside_the_query_opens_by_uid(mount_factory, archive: SampleArchive) -> None:
     inside = archive.with_label("ct")[0]
     outside = archive.with_label("mr")[0]
     assert inside.patient_id != outside.patient_id
@@ -477,7 +478,7 @@ def test_study_outside_the_query_opens_by_uid(mount_factory, archive: Archive) -
 
 
 def test_concurrent_opens_of_one_file_make_one_request(mnt, orthanc: LocalOrthanc,
-                                                       archive: Archive) -> None:
+                                                       archive: SampleArchive) -> None:
     entry = archive.with_label("followup-ct")[3]
     path = mnt.path / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
     mark = orthanc.mark()

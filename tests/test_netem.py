@@ -1,4 +1,4 @@
-"""The link-emulating proxy (dicomfs.demo.netem): bytes, order, half-close and resets pass
+"""The link-emulating proxy (tests.support.netem): bytes, order, half-close and resets pass
 through; delay and rate are lower bounds on time (never upper bounds); counters are exact.
 
 Targets are small raw TCP servers in threads, plus one real Orthanc for the HTTP case.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from dicomfs.demo import Archive
+from tests.support import SampleArchive
 
 if TYPE_CHECKING:
     from conftest import LinkFactory, OrthancFactory
@@ -246,7 +246,7 @@ def test_many_concurrent_connections(
 
 
 def test_orthanc_answers_through_a_link(
-    archive: Archive, orthanc_factory: OrthancFactory, link_factory: LinkFactory,
+    archive: SampleArchive, orthanc_factory: OrthancFactory, link_factory: LinkFactory,
 ) -> None:
     """Orthanc ends a series retrieve by closing the connection (no length, no chunks): the
     answer is whole only if the close crosses the link. Instance retrieves keep it alive."""
@@ -272,11 +272,11 @@ def test_orthanc_answers_through_a_link(
 
 
 def test_command_line(targets: Callable[[Handler], Target], tmp_path: Path) -> None:
-    """``python -m dicomfs.demo.netem`` prints its URL, forwards, and sums up on SIGTERM."""
+    """``python -m tests.support.netem`` prints its URL, forwards, and sums up on SIGTERM."""
     target = targets(echo)
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dicomfs.demo.netem", "--target", target.address,
+        [sys.executable, "-m", "tests.support.netem", "--target", target.address,
          "--delay-ms", "5", "--rate", "20M"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)})

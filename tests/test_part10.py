@@ -33,10 +33,10 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from dicomfs.demo import Archive
-from dicomfs.demo.archive import demo_uid, part10_dataset
 from dicomfs.errors import IntegrityError
 from dicomfs.part10 import whole_instance_uid
+from tests.support import SampleArchive
+from tests.support.sample import demo_uid, part10_dataset
 
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SOP_UID = demo_uid("test_part10/instance")
@@ -296,7 +296,7 @@ def test_garbage_is_refused(noise: bytes, prefix: bytes) -> None:
         check(prefix + noise)
 
 
-def test_every_archive_file_is_accepted_whole_and_refused_cut(archive: Archive) -> None:
+def test_every_archive_file_is_accepted_whole_and_refused_cut(archive: SampleArchive) -> None:
     """The sample archive, every encoding it holds, read as the cache reads a download;
     cut 1 and 7 bytes short (inside the last element, at least 8 bytes long), refused."""
     for entry in archive.files:

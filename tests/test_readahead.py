@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LinkFactory, MountFactory
 
-from dicomfs.demo import Archive, LocalOrthanc
-from dicomfs.demo.archive import ArchiveFile
+from tests.conftest import LinkFactory, MountFactory
+from tests.support import LocalOrthanc, SampleArchive
+from tests.support.sample import SampleFile
 
 INSTANCE = re.compile(r"GET /dicom-web/studies/[0-9.]+/series/[0-9.]+/instances/([0-9.]+)$")
 SERIES = re.compile(r"GET /dicom-web/studies/[0-9.]+/series/[0-9.]+$")
@@ -34,17 +34,17 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
-def by_name(files: list[ArchiveFile]) -> list[ArchiveFile]:
+def by_name(files: list[SampleFile]) -> list[SampleFile]:
     """In the order a shell glob (``cat *.dcm``) opens them."""
     return sorted(files, key=lambda entry: entry.sop_uid + ".dcm")
 
 
-def path_of(root: Path, entry: ArchiveFile) -> Path:
+def path_of(root: Path, entry: SampleFile) -> Path:
     return root / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
 
 
 def test_nearly_full_disk_fetches_about_what_is_read(
-        mount_factory: MountFactory, archive: Archive, orthanc: LocalOrthanc,
+        mount_factory: MountFactory, archive: SampleArchive, orthanc: LocalOrthanc,
         small_disk: Path) -> None:
     """A 60 MB disk under a 210 MB series: reading 100 of its files in a row costs the
     server about those 100 files, not the series again and again (read-ahead stays
@@ -71,7 +71,7 @@ def test_nearly_full_disk_fetches_about_what_is_read(
 
 
 def test_long_link_walk_runs_parallel_instance_requests(
-        mount_factory: MountFactory, archive: Archive, orthanc: LocalOrthanc,
+        mount_factory: MountFactory, archive: SampleArchive, orthanc: LocalOrthanc,
         link_factory: LinkFactory) -> None:
     """Across a long link (20 ms one way, 25 MB/s per connection) a series walk is
     fetched in parallel instance requests on several connections, each file once and

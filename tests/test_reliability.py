@@ -18,9 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fakes import Cut, FaultPolicy, Forward, Proxy, Request
-
-from dicomfs.demo import Archive, ArchiveFile, LocalOrthanc
+from tests.support import LocalOrthanc, SampleArchive, SampleFile
+from tests.support.fakes import Cut, FaultPolicy, Forward, Proxy, Request
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory
@@ -38,7 +37,7 @@ BIG_SERIES = {"ct"}  # read in the first round only: time
 MIN_SUCCESS_RATE = 0.95
 
 
-def instance_path(root: Path, entry: ArchiveFile) -> Path:
+def instance_path(root: Path, entry: SampleFile) -> Path:
     return root / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
 
 
@@ -60,12 +59,12 @@ def cached_instances(cache_dir: Path) -> dict[str, Path]:
     return {p.name.removesuffix(".dcm"): p for p in cache_dir.rglob("objects/**/*.dcm")}
 
 
-def listing_names(series: list[ArchiveFile]) -> set[str]:
+def listing_names(series: list[SampleFile]) -> set[str]:
     """What a series folder lists: its instances and metadata.json."""
     return {f"{f.sop_uid}.dcm" for f in series} | {"metadata.json"}
 
 
-def test_reads_through_faults_are_whole_or_eio(orthanc: LocalOrthanc, archive: Archive,
+def test_reads_through_faults_are_whole_or_eio(orthanc: LocalOrthanc, archive: SampleArchive,
                                               mount_factory: MountFactory) -> None:
     every = {label: archive.series_files(archive.series_uid(label)) for label in SERIES}
     assert [len(every[label]) for label in SERIES] == [30, archive.ct_slices, 40, 6, 7]
@@ -163,7 +162,7 @@ def _mount_behind(mount_factory: MountFactory, proxy: Proxy) -> Mount:
 
 
 def test_instance_body_stalled_midway_is_fetched_again(
-        orthanc: LocalOrthanc, archive: Archive, mount_factory: MountFactory) -> None:
+        orthanc: LocalOrthanc, archive: SampleArchive, mount_factory: MountFactory) -> None:
     """A server that stops sending mid-instance (a timeout, not a reset) is asked again,
     as a cut or reset transfer is: --retries 5 leaves plenty of room."""
     entry = archive.series_files(archive.series_uid("mr"))[0]
@@ -177,7 +176,7 @@ def test_instance_body_stalled_midway_is_fetched_again(
 
 
 def test_listing_body_stalled_midway_is_fetched_again(
-        orthanc: LocalOrthanc, archive: Archive, mount_factory: MountFactory) -> None:
+        orthanc: LocalOrthanc, archive: SampleArchive, mount_factory: MountFactory) -> None:
     """The same for a QIDO answer: a JSON body that stalls is fetched again, like a cut one."""
     entry = archive.series_files(archive.series_uid("mr"))[0]
     policy = StallFirstBody(f"/series/{entry.series_uid}/instances?")

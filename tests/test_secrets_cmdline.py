@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dicomfs.demo.mounts import force_unmount, is_mounted
+from tests.support.mounts import force_unmount, is_mounted
 
 if TYPE_CHECKING:
     from conftest import OrthancFactory, TinyPacsFactory

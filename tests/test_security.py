@@ -36,7 +36,19 @@ import httpx
 import pydicom
 import pytest
 import trio
-from fakes import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dicomfs.auth
+import dicomfs.client
+from dicomfs import dicomjson, part10
+from dicomfs.auth import CredentialError
+from dicomfs.client import ClientConfig, DicomwebClient
+from dicomfs.errors import DicomfsError, IntegrityError, ProtocolError, ServerError
+from dicomfs.store import server_folder_name
+from dicomfs.uids import is_uid
+from tests.support import LocalOrthanc, SampleArchive
+from tests.support.fakes import (
     TOKEN_COMMAND,
     Proxy,
     Reply,
@@ -48,21 +60,9 @@ from fakes import (
     serving,
     wait_until,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import dicomfs.auth
-import dicomfs.client
-from dicomfs import dicomjson, part10
-from dicomfs.auth import CredentialError
-from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.demo import Archive, LocalOrthanc
-from dicomfs.demo.archive import part10_dataset
-from dicomfs.demo.mounts import force_unmount, is_mounted, mount_points, run_quietly
-from dicomfs.demo.tls import Pair, Pki, TlsProxy
-from dicomfs.errors import DicomfsError, IntegrityError, ProtocolError, ServerError
-from dicomfs.store import server_folder_name
-from dicomfs.uids import is_uid
+from tests.support.mounts import force_unmount, is_mounted, mount_points, run_quietly
+from tests.support.sample import part10_dataset
+from tests.support.tls import Pair, Pki, TlsProxy
 
 if TYPE_CHECKING:
     from conftest import MountFactory, OrthancFactory
@@ -545,14 +545,14 @@ PASSWORD = "s3cret"
 ORTHANC_USERS = {"alice": PASSWORD}
 
 
-def _auth_orthanc(orthanc_factory: OrthancFactory, archive: Archive) -> LocalOrthanc:
+def _auth_orthanc(orthanc_factory: OrthancFactory, archive: SampleArchive) -> LocalOrthanc:
     server = orthanc_factory(users=ORTHANC_USERS)
     mr = archive.series_files(archive.series_uid("mr"))[:5]
     server.upload([archive.path(f) for f in mr], sop_uids=[f.sop_uid for f in mr])
     return server
 
 
-def _read_some(root: Path, archive: Archive, count: int = 3) -> None:
+def _read_some(root: Path, archive: SampleArchive, count: int = 3) -> None:
     for entry in archive.series_files(archive.series_uid("mr"))[:count]:
         path = root / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
         assert path.read_bytes() == archive.read(entry)
@@ -573,7 +573,7 @@ def _assert_secret_hidden(pid: int, secrets: Iterable[str], log: str, *,
 
 
 def test_basic_auth_mounts_without_leaking_the_password(
-        orthanc_factory: OrthancFactory, archive: Archive, mount_factory: MountFactory,
+        orthanc_factory: OrthancFactory, archive: SampleArchive, mount_factory: MountFactory,
         tmp_path: Path) -> None:
     server = _auth_orthanc(orthanc_factory, archive)
     basic = httpx.BasicAuth("alice", PASSWORD)._auth_header.removeprefix("Basic ")
@@ -599,7 +599,7 @@ def test_basic_auth_mounts_without_leaking_the_password(
 
 
 @pytest.mark.parametrize("foreground", [False, True], ids=["background", "foreground"])
-def test_wrong_password_fails_clearly(orthanc_factory: OrthancFactory, archive: Archive,
+def test_wrong_password_fails_clearly(orthanc_factory: OrthancFactory, archive: SampleArchive,
                                       tmp_path: Path, foreground: bool) -> None:
     server = _auth_orthanc(orthanc_factory, archive)
     wrong = "not-the-Pa55word"
@@ -678,7 +678,7 @@ class background_mount:  # used like a function
         force_unmount(self.mountpoint)
 
 
-def test_bearer_token_never_on_a_command_line(orthanc: LocalOrthanc, archive: Archive,
+def test_bearer_token_never_on_a_command_line(orthanc: LocalOrthanc, archive: SampleArchive,
                                               mount_factory: MountFactory,
                                               tmp_path: Path) -> None:
     gate = TokenGate(tmp_path / "gate", static=TOKEN)
@@ -699,7 +699,7 @@ def test_bearer_token_never_on_a_command_line(orthanc: LocalOrthanc, archive: Ar
     assert gate.rejections == 0, gate.rejected
 
 
-def test_rotating_token_from_a_command(orthanc: LocalOrthanc, archive: Archive,
+def test_rotating_token_from_a_command(orthanc: LocalOrthanc, archive: SampleArchive,
                                        mount_factory: MountFactory, tmp_path: Path) -> None:
     gate = TokenGate(tmp_path / "gate", period=1.5, grace=0.5)
     script = tmp_path / "print_token.py"
@@ -854,7 +854,7 @@ def test_fuzz_qido_search_raises_only_declared_errors(body: bytes, status: int,
 # =========================================================================== patient data
 
 
-def test_info_log_has_no_patient_data(mount_factory: MountFactory, archive: Archive) -> None:
+def test_info_log_has_no_patient_data(mount_factory: MountFactory, archive: SampleArchive) -> None:
     """Browse and read a patient's files at the default log level: the log never names them."""
     mr = archive.series_files(archive.series_uid("mr"))
     patient = mr[0]
@@ -930,7 +930,7 @@ def _combined_pem(pki: Pki, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["server-tls", "mutual-tls"])
-def test_https_mount_reads_every_file(pki: Pki, https_orthanc: Any, archive: Archive,
+def test_https_mount_reads_every_file(pki: Pki, https_orthanc: Any, archive: SampleArchive,
                                       mount_factory: MountFactory, mutual: bool) -> None:
     proxy = https_orthanc(pki.server, pki.ca.cert if mutual else None)
     args = ["--ca-bundle", str(pki.ca.cert)]
@@ -956,7 +956,7 @@ def test_mutual_tls_without_a_client_certificate_fails_clearly(
 
 
 def test_https_prefetch_with_a_client_certificate(pki: Pki, https_orthanc: Any,
-                                                  archive: Archive, tmp_path: Path) -> None:
+                                                  archive: SampleArchive, tmp_path: Path) -> None:
     proxy = https_orthanc(pki.server, pki.ca.cert)
     url = proxy.url("/dicom-web")
     study, series = archive.study_uid("mr"), archive.series_uid("mr")
@@ -994,7 +994,7 @@ BAD_CERTIFICATES = {  # case -> (server certificate, CA the client trusts, reaso
 
 @pytest.mark.parametrize("case", BAD_CERTIFICATES)
 def test_untrusted_certificates_fail_mount_and_prefetch_clearly(
-        pki: Pki, https_orthanc: Any, archive: Archive, tmp_path: Path, case: str) -> None:
+        pki: Pki, https_orthanc: Any, archive: SampleArchive, tmp_path: Path, case: str) -> None:
     server, trusted, reason = BAD_CERTIFICATES[case]
     proxy = https_orthanc(getattr(pki, server))
     url = proxy.url("/dicom-web")
@@ -1015,7 +1015,7 @@ def test_untrusted_certificates_fail_mount_and_prefetch_clearly(
 
 
 def test_token_file_is_read_again_on_401_and_after_its_lifetime(
-        orthanc: LocalOrthanc, archive: Archive, mount_factory: MountFactory,
+        orthanc: LocalOrthanc, archive: SampleArchive, mount_factory: MountFactory,
         tmp_path: Path) -> None:
     gate = TokenGate(tmp_path / "gate", static="first")
     token_file = gate.folder / "token"

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LinkFactory, MountFactory
-from fakes import Cut, Forward, Proxy, Request, wait_until
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomfs.demo import Archive, LocalOrthanc, demo_uid
 from dicomfs.store import server_folder_name
+from tests.conftest import LinkFactory, MountFactory
+from tests.support import LocalOrthanc, SampleArchive, demo_uid
+from tests.support.fakes import Cut, Forward, Proxy, Request, wait_until
 
 MiB = 1024 * 1024
 FRAMES = 160  # 160 frames of 512 x 512 x 2 bytes: an 84 MB multi-frame instance
@@ -140,7 +140,7 @@ INSTANCE_QIDO = re.compile(r"GET /dicom-web/studies/[0-9.]+/series/[0-9.]+/insta
 
 
 def test_opening_a_path_asks_two_round_trips_of_requests(
-        mount_factory: MountFactory, orthanc: LocalOrthanc, archive: Archive) -> None:
+        mount_factory: MountFactory, orthanc: LocalOrthanc, archive: SampleArchive) -> None:
     """On a fresh mount, ``open`` of /studies/S/SE/I.dcm asks: the study (and, at the
     same time, its series listing), then the instance (and, at the same time, its
     retrieve); no series query of its own, and each thing once."""

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import check_listings_equal_qido, tiny_pacs_files
 
 from dicomfs import capabilities
-from dicomfs.demo import Archive, ArchiveFile
-from dicomfs.demo.tinypacs import LocalTinyPacs
 from dicomfs.store import server_folder_name
+from tests.conftest import check_listings_equal_qido, tiny_pacs_files
+from tests.support import SampleArchive, SampleFile
+from tests.support.tinypacs import LocalTinyPacs
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory, TinyPacsFactory
@@ -31,11 +31,11 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 ROOT_WITHOUT_RENDERED = ["dates", "patients", "query", "studies"]
 
 
-def instance_path(root: Path, entry: ArchiveFile) -> Path:
+def instance_path(root: Path, entry: SampleFile) -> Path:
     return root / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
 
 
-def served(server: LocalTinyPacs, entry: ArchiveFile) -> bytes:
+def served(server: LocalTinyPacs, entry: SampleFile) -> bytes:
     return server.instance_file(entry.study_uid, entry.series_uid, entry.sop_uid)
 
 
@@ -45,7 +45,7 @@ def tiny_mnt(mount_factory: MountFactory, tiny_pacs: LocalTinyPacs) -> Mount:
 
 
 def test_listings_equal_qido(tiny_mnt: Mount, tiny_pacs: LocalTinyPacs,
-                             archive: Archive) -> None:
+                             archive: SampleArchive) -> None:
     check_listings_equal_qido(tiny_mnt.path, tiny_pacs.client, metadata=False)
     assert len(os.listdir(tiny_mnt.path / "studies")) == len(
         {f.study_uid for f in tiny_pacs_files(archive)})
@@ -53,7 +53,7 @@ def test_listings_equal_qido(tiny_mnt: Mount, tiny_pacs: LocalTinyPacs,
 
 
 def test_paging(mount_factory: MountFactory, tiny_pacs: LocalTinyPacs,
-                archive: Archive) -> None:
+                archive: SampleArchive) -> None:
     """Pages of 7: the 30-image MR series and the study list take several each."""
     mount = mount_factory(tiny_pacs.dicomweb_url, args=["--page-size", "7"])
     check_listings_equal_qido(mount.path, tiny_pacs.client, metadata=False)
@@ -69,7 +69,7 @@ def test_empty_answer_is_204(tiny_mnt: Mount, tiny_pacs: LocalTinyPacs) -> None:
 
 
 def test_every_instance_is_the_servers_own_answer(tiny_mnt: Mount, tiny_pacs: LocalTinyPacs,
-                                                  archive: Archive) -> None:
+                                                  archive: SampleArchive) -> None:
     rewritten = 0
     for entry in tiny_pacs_files(archive):
         own = served(tiny_pacs, entry)
@@ -80,7 +80,7 @@ def test_every_instance_is_the_servers_own_answer(tiny_mnt: Mount, tiny_pacs: Lo
 
 def test_a_transfer_syntax_it_cannot_give_is_eio(mount_factory: MountFactory,
                                                  tiny_pacs: LocalTinyPacs,
-                                                 archive: Archive) -> None:
+                                                 archive: SampleArchive) -> None:
     """406 for a JPEG 2000 instance asked as explicit VR little endian: EIO, not cached, and
     the mount goes on serving what it can give."""
     mount = mount_factory(tiny_pacs.dicomweb_url, args=["--transfer-syntax", EXPLICIT_LE])
@@ -101,7 +101,7 @@ def test_a_transfer_syntax_it_cannot_give_is_eio(mount_factory: MountFactory,
 
 
 def test_bearer_token(mount_factory: MountFactory, tiny_pacs_factory: TinyPacsFactory,
-                      archive: Archive, tmp_path: Path) -> None:
+                      archive: SampleArchive, tmp_path: Path) -> None:
     """tiny-pacs offers static bearer tokens (``auth: token``; basic auth needs a user
     registry it does not ship): the right token mounts, none or a wrong one is refused."""
     token = "tiny-pacs-token-5f1c"
@@ -169,7 +169,7 @@ def test_what_it_offers_is_learned_once(mount_factory: MountFactory,
                 if r.endswith(("/metadata", "/rendered"))]
 
 
-def test_prefetch_without_metadata(tiny_pacs: LocalTinyPacs, archive: Archive,
+def test_prefetch_without_metadata(tiny_pacs: LocalTinyPacs, archive: SampleArchive,
                                    tmp_path: Path) -> None:
     mr = archive.with_label("mr")
     cache = tmp_path / "cache"

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from fakes import FakeServer, Reply, Seen, serving
 
 from dicomfs.cli import build_parser, fuse_helper_argv
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.demo import LocalOrthanc, demo_uid
-from dicomfs.demo.tiny import tiny_instance
 from dicomfs.errors import Conflict, ServerError
+from tests.support import LocalOrthanc, demo_uid
+from tests.support.fakes import FakeServer, Reply, Seen, serving
+from tests.support.tiny import tiny_instance
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory, OrthancFactory

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from dicomfs.demo.archive import Archive
+    from tests.support.sample import SampleArchive
 
 DEFAULT_BINARY = "/usr/sbin/Orthanc"
 DEFAULT_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -386,7 +386,7 @@ class LocalOrthanc(LocalServer):
             seconds=time.monotonic() - started,
         )
 
-    def load_archive(self, archive: Archive) -> UploadReport:
+    def load_archive(self, archive: SampleArchive) -> UploadReport:
         """Upload a whole sample archive and check that every instance is then stored."""
         report = self.upload(
             [archive.path(f) for f in archive.files], sop_uids=[f.sop_uid for f in archive.files]

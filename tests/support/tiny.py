@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 
-from dicomfs.demo.archive import part10_dataset
+from tests.support.sample import part10_dataset
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SIZE = 8

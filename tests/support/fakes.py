@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from test_client import App, FakeServer, Reply, Seen
-
 from dicomfs import dicomjson
+from tests.test_client import App, FakeServer, Reply, Seen
 
 __all__ = [
     "Answer",

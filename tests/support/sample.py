@@ -113,7 +113,7 @@ def part10_dataset(sop_class: str, sop_uid: str,
 
 
 @dataclass(frozen=True)
-class ArchiveFile:
+class SampleFile:
     """One file of the archive, with the identifiers tests look things up by."""
 
     path: str  # relative to the archive root, POSIX separators
@@ -132,26 +132,26 @@ class ArchiveFile:
 
 
 @dataclass(frozen=True)
-class Archive:
+class SampleArchive:
     """The manifest of a built archive: every file and the counts tests compare against."""
 
     root: Path
     version: int
     fingerprint: str
     ct_slices: int
-    files: tuple[ArchiveFile, ...]
+    files: tuple[SampleFile, ...]
 
-    def path(self, item: ArchiveFile | str) -> Path:
+    def path(self, item: SampleFile | str) -> Path:
         """Absolute path of a file, given its entry or its SOPInstanceUID."""
         entry = self.by_sop[item] if isinstance(item, str) else item
         return self.root / entry.path
 
-    def read(self, item: ArchiveFile | str) -> bytes:
+    def read(self, item: SampleFile | str) -> bytes:
         """The file's bytes (what a byte-identity test compares a served file against)."""
         return self.path(item).read_bytes()
 
     @cached_property
-    def by_sop(self) -> dict[str, ArchiveFile]:
+    def by_sop(self) -> dict[str, SampleFile]:
         return {f.sop_uid: f for f in self.files}
 
     @cached_property
@@ -188,7 +188,7 @@ class Archive:
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
-    def with_label(self, label: str) -> list[ArchiveFile]:
+    def with_label(self, label: str) -> list[SampleFile]:
         """Files of one generated series ("ct") or one sample file ("pydicom/CT_small.dcm")."""
         found = [f for f in self.files if f.label == label]
         if not found:
@@ -203,14 +203,14 @@ class Archive:
         """StudyInstanceUID of the study holding a labelled series or file."""
         return self.with_label(label)[0].study_uid
 
-    def series_files(self, series_uid: str) -> list[ArchiveFile]:
+    def series_files(self, series_uid: str) -> list[SampleFile]:
         return [f for f in self.files if f.series_uid == series_uid]
 
-    def study_files(self, study_uid: str) -> list[ArchiveFile]:
+    def study_files(self, study_uid: str) -> list[SampleFile]:
         return [f for f in self.files if f.study_uid == study_uid]
 
     @classmethod
-    def load(cls, root: Path) -> Archive:
+    def load(cls, root: Path) -> SampleArchive:
         """Read the manifest of an archive built earlier (no completeness check)."""
         data = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
         return cls(
@@ -218,7 +218,7 @@ class Archive:
             version=data["version"],
             fingerprint=data["fingerprint"],
             ct_slices=data["params"]["ct_slices"],
-            files=tuple(ArchiveFile(**f) for f in data["files"]),
+            files=tuple(SampleFile(**f) for f in data["files"]),
         )
 
 
@@ -353,7 +353,7 @@ def _fingerprint(ct_slices: int) -> str:
 # --------------------------------------------------------------------------- public entry
 
 
-def build_archive(dest: Path, *, ct_slices: int = 400) -> Archive:
+def build_archive(dest: Path, *, ct_slices: int = 400) -> SampleArchive:
     """Write the sample archive into ``dest`` (or reuse it) and return its manifest.
 
     Idempotent and safe to call from concurrent processes: a lock serialises builders, a
@@ -391,7 +391,7 @@ def build_archive(dest: Path, *, ct_slices: int = 400) -> Archive:
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)
-        return Archive.load(dest)
+        return SampleArchive.load(dest)
 
 
 @contextlib.contextmanager
@@ -404,7 +404,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _load_if_complete(dest: Path, fingerprint: str) -> Archive | None:
+def _load_if_complete(dest: Path, fingerprint: str) -> SampleArchive | None:
     """The archive in ``dest`` when it is complete and built from the same recipe, else None."""
     try:
         data = json.loads((dest / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -417,7 +417,7 @@ def _load_if_complete(dest: Path, fingerprint: str) -> Archive | None:
         or data.get("complete") is not True
     ):
         return None
-    archive = Archive.load(dest)
+    archive = SampleArchive.load(dest)
     for f in archive.files:
         try:
             if (dest / f.path).stat().st_size != f.size:
@@ -427,7 +427,7 @@ def _load_if_complete(dest: Path, fingerprint: str) -> Archive | None:
     return archive
 
 
-def _check_identities(files: list[ArchiveFile]) -> None:
+def _check_identities(files: list[SampleFile]) -> None:
     """Fail the build unless Orthanc (and any DICOMweb server) will see one object per UID.
 
     Orthanc keys patients by PatientID, studies by (PatientID, StudyUID), series and instances
@@ -444,13 +444,13 @@ def _check_identities(files: list[ArchiveFile]) -> None:
                 raise AssertionError(f"{child} {key} under two {parent}s: {seen[key]}, {value}")
 
 
-def _entry(root: Path, rel: str, label: str, origin: str, data: bytes) -> ArchiveFile:
+def _entry(root: Path, rel: str, label: str, origin: str, data: bytes) -> SampleFile:
     """Write ``data`` to ``root/rel`` and describe it from its own header."""
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-    return ArchiveFile(
+    return SampleFile(
         path=rel,
         label=label,
         origin=origin,
@@ -476,7 +476,7 @@ BIG_FORMAT = "dicomfs-demo-big-instance"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
-def build_big_instance(dest: Path, *, frames: int = BIG_FRAMES) -> ArchiveFile:
+def build_big_instance(dest: Path, *, frames: int = BIG_FRAMES) -> SampleFile:
     """Write one multi-frame CT of ``frames`` 512x512 frames into ``dest`` (or reuse it).
 
     Why apart from the archive: at 315 MB it is too big for the archive every test builds;
@@ -494,7 +494,7 @@ def build_big_instance(dest: Path, *, frames: int = BIG_FRAMES) -> ArchiveFile:
     with _locked(dest.parent / f".{dest.name}.lock"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data = json.loads((dest / MANIFEST_NAME).read_text(encoding="utf-8"))
-            entry = ArchiveFile(**data["file"])
+            entry = SampleFile(**data["file"])
             if data["recipe"] == recipe and (dest / entry.path).stat().st_size == entry.size:
                 return entry
         staging = dest.with_name(dest.name + ".building")
@@ -553,8 +553,8 @@ def _big_dataset(frames: int) -> Dataset:
 # --------------------------------------------------------------------------- generated series
 
 
-def _write_generated(root: Path, ct_slices: int) -> list[ArchiveFile]:
-    out: list[ArchiveFile] = []
+def _write_generated(root: Path, ct_slices: int) -> list[SampleFile]:
+    out: list[SampleFile] = []
     for spec in SERIES:
         count = spec.count or ct_slices
         noise = _noise(spec)
@@ -712,8 +712,8 @@ def _sample_labels() -> list[str]:
     return labels
 
 
-def _write_samples(root: Path) -> list[ArchiveFile]:
-    out: list[ArchiveFile] = []
+def _write_samples(root: Path) -> list[SampleFile]:
+    out: list[SampleFile] = []
     seen: set[str] = set()
     for label in _sample_labels():
         raw = sample_source(label).read_bytes()

@@ -430,7 +430,7 @@ class LinkProxy:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dicomfs.demo.netem",
+        prog="python -m tests.support.netem",
         description="Forward 127.0.0.1:PORT to a target with a one-way delay and a "
         "bandwidth cap per connection and direction.")
     parser.add_argument("--target", required=True, help="HOST:PORT or http://HOST:PORT/path")

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from dicomfs.demo.orthanc import LocalServer, free_port
+from tests.support.orthanc import LocalServer, free_port
 
 DICOMWEB_ROOT = "/dicom-web"
 # What the shared HTTP server logs once it listens (host and port it really bound).

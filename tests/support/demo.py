@@ -1,4 +1,4 @@
-"""The demo: ``python -m dicomfs.demo [start [MOUNTPOINT] | stop]``.
+"""The demo: ``python -m tests.support.demo [start [MOUNTPOINT] | stop]``.
 
 ``start`` (the default) builds the sample archive into ``demo/data``, serves it with a private
 Orthanc (storage ``demo/orthanc``, kept between runs so the upload is instant the second time),
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from dicomfs.demo.archive import Archive, build_archive
-from dicomfs.demo.mounts import force_unmount, is_mounted
-from dicomfs.demo.orthanc import LocalOrthanc, OrthancError
+from tests.support.mounts import force_unmount, is_mounted
+from tests.support.orthanc import LocalOrthanc, OrthancError
+from tests.support.sample import SampleArchive, build_archive
 
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "demo"  # how users start and stop it
 STOP_TIMEOUT = 60.0
 
 
@@ -102,9 +103,9 @@ def start(layout: Layout, mountpoint: Path, *, mount: bool = True) -> int:
     """Run the demo in the foreground until Ctrl-C or SIGTERM."""
     signal.signal(signal.SIGTERM, _interrupt)
     state = _read_state(layout)
-    if state and _alive(state.get("pid"), "dicomfs.demo"):
+    if state and _alive(state.get("pid"), "tests.support.demo"):
         _say(
-            f"The demo already runs (pid {state['pid']}); stop it with: python -m dicomfs.demo stop"
+            f"The demo already runs (pid {state['pid']}); stop it with: scripts/demo stop"
         )
         return 1
     if state:
@@ -184,7 +185,7 @@ def _unmount(mountpoint: Path) -> None:
 
 
 def _print_instructions(
-    orthanc: LocalOrthanc, archive: Archive, mountpoint: Path | None, layout: Layout
+    orthanc: LocalOrthanc, archive: SampleArchive, mountpoint: Path | None, layout: Layout
 ) -> None:
     venv_bin = Path(sys.executable).parent
     lines = [
@@ -224,7 +225,7 @@ def _print_instructions(
     lines += [
         "",
         "Stop with Ctrl-C here, or from another terminal:",
-        f"  cd {shlex.quote(str(layout.base))} && {sys.executable} -m dicomfs.demo stop",
+        f"  cd {shlex.quote(str(layout.base))} && {shlex.quote(str(SCRIPT))} stop",
         f"(state in {layout.state}; Orthanc log {orthanc.log_path})",
     ]
     _say("\n".join(lines))
@@ -301,14 +302,14 @@ def stop(layout: Layout) -> int:
         _say("No demo is running (no state file).")
         return 0
     pid = state.get("pid")
-    if not _alive(pid, "dicomfs.demo"):
+    if not _alive(pid, "tests.support.demo"):
         _cleanup_stale(layout, state)
         _say("Cleaned up after a demo that was no longer running.")
         return 0
     _say(f"Stopping the demo (pid {pid}) ...")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _alive(pid, "dicomfs.demo"):
+    while _alive(pid, "tests.support.demo"):
         if time.monotonic() > deadline:
             _say(f"The demo (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s")
             return 1
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
         args.insert(0, "start")
     parser = argparse.ArgumentParser(
-        prog="python -m dicomfs.demo", description=__doc__.split("\n")[0]
+        prog="python -m tests.support.demo", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     start_cmd = commands.add_parser("start", help="serve and mount the sample archive (default)")
