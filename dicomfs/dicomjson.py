@@ -82,6 +82,15 @@ def uid(ds: Dataset, tag: str) -> str | None:
     return found if is_uid(found) else None
 
 
+def pick(datasets: Iterable[Dataset], tag: str, wanted: str) -> Dataset | None:
+    """The first dataset whose UID ``tag`` is ``wanted``."""
+    return next((ds for ds in datasets if uid(ds, tag) == wanted), None)
+
+
+def sorted_by_uid(datasets: Iterable[Dataset], tag: str) -> list[Dataset]:
+    return sorted(datasets, key=lambda ds: uid(ds, tag) or "")
+
+
 def timestamp(ds: Dataset, date_tag: str, time_tag: str) -> float | None:
     """Seconds since the epoch for a DA (and optional TM) pair, read as local time."""
     date = text(ds, date_tag)

@@ -43,7 +43,7 @@ from dicomfs.errors import (
 )
 from dicomfs.pagecache import PageCache
 from dicomfs.store import OpenFile
-from dicomfs.tree import UPLOAD_FOLDERS, Kind, Node, Tree
+from dicomfs.tree import Kind, Node, Tree
 from dicomfs.upload import Uploads
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ FOLDER_TIMEOUT = 60.0  # folders can gain children: series arrive in a study
 NEGATIVE_TIMEOUT = 10.0  # a UID that is not there yet may appear
 MUTABLE_TIMEOUT = 1.0  # metadata.json: its study may still be receiving instances
 BLOCK = 512
-UPLOAD_KINDS = {*UPLOAD_FOLDERS, Kind.UPLOAD_FILE}
+UPLOAD_KINDS = {Kind.UPLOAD_FOLDER, Kind.UPLOAD_FILE}
 
 
 def _errno(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -149,7 +149,7 @@ class DicomFS(pyfuse3.Operations):
     def _upload_folder(self, inode: int) -> tuple[Uploads, Node]:
         """Uploads and the folder of ``inode``, or EROFS: only /upload takes writes."""
         node = self.tree.node(inode)
-        if self.uploads is None or node.kind not in UPLOAD_FOLDERS:
+        if self.uploads is None or node.kind is not Kind.UPLOAD_FOLDER:
             raise pyfuse3.FUSEError(errno.EROFS)
         return self.uploads, node
 
@@ -194,8 +194,8 @@ class DicomFS(pyfuse3.Operations):
             node = await self.tree.lookup(parent_inode, os.fsdecode(name))
         except (FileNotFoundError, NotFound):
             negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
-            negative.entry_timeout = 0 if self.tree.node(parent_inode).kind in \
-                UPLOAD_FOLDERS else NEGATIVE_TIMEOUT
+            negative.entry_timeout = 0 if self.tree.node(parent_inode).kind is \
+                Kind.UPLOAD_FOLDER else NEGATIVE_TIMEOUT
             return negative
         return self.attributes(node)
 

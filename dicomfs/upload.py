@@ -105,7 +105,7 @@ class Uploads:
         """The entry behind an upload node; the top folder's is made on first use."""
         entry = self._entries.get(node.inode)
         if entry is None:
-            if node.kind is not Kind.UPLOADS:
+            if node is not self.tree.upload_folder():
                 raise FileNotFoundError(node.name)
             entry = self._entries[node.inode] = _Entry(node, None, children={})
         return entry

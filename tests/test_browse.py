@@ -443,14 +443,14 @@ async def test_refused_queries_are_remembered() -> None:
                 await tree.lookup(queries.inode, name)
     assert archive.asked == [{"fuzzymatching": "maybe"}]
     found = await tree.lookup(queries.inode, "00100020=A")
-    assert found.kind is Kind.QUERY
+    assert found.kind is Kind.FOLDER and found.group == "00100020=A"
     assert [child.name for child in await tree.children(found.inode)] == ["1.1"]
 
 
 async def test_scope_reaches_every_study_listing() -> None:
     archive = FakeArchive([fake_study("1.1", "A"), fake_study("1.2", "B")])
     tree = Tree(archive, scope={"00100020": "A"})  # type: ignore[arg-type]
-    assert tree.scope == {"PatientID": "A"}
+    assert tree.scope.query == {"PatientID": "A"}
     studies = await tree.lookup(1, "studies")
     assert [child.name for child in await tree.children(studies.inode)] == ["1.1"]
     patients = await tree.lookup(1, "patients")

@@ -1,0 +1,31 @@
+"""The studies a mount shows: the whole server, or what one QIDO query finds
+(``dicomfs mount --query``), for every view that lists studies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from dicomfs import dicomjson, names
+from dicomfs.dicomjson import Dataset
+from dicomfs.tree.catalog import Catalog
+
+
+class Scope:
+    def __init__(self, archive: Catalog, query: Mapping[str, str] | None = None) -> None:
+        self.archive = archive
+        self.query = dict(names.check_query(query.items())) if query else {}
+
+    async def studies(self, query: Mapping[str, str] | None = None) -> list[Dataset]:
+        """The studies ``query`` finds within the scope.
+
+        A key the scope also sets, to another value, cannot be sent twice: the
+        server answers the query's value and the scope's listing filters.
+        """
+        if not query:
+            return await self.archive.studies(self.query)
+        narrower = any(self.query.get(key, value) != value for key, value in query.items())
+        found = await self.archive.studies({**self.query, **query})
+        if narrower:
+            allowed = {dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in await self.studies()}
+            found = [ds for ds in found if dicomjson.uid(ds, dicomjson.STUDY_UID) in allowed]
+        return found
