@@ -56,6 +56,7 @@ from dicomfs.errors import (
     Timeout,
     Unreachable,
 )
+from dicomfs.flight import ServerHealth
 from dicomfs.multipart import PartData, PartEnd, PartStart
 from dicomfs.store import Blob, Key, Store, Writer
 
@@ -75,25 +76,6 @@ class Priority(enum.IntEnum):
     READER = 0  # a program is blocked in open()
     READAHEAD = 1  # a walking reader will open it soon
     BACKGROUND = 2  # dicomfs prefetch
-
-
-class ServerHealth:
-    """Whether the server answers, shared by everything that asks it: an error log
-    when it goes away, a warning when it is back, and cached data standing in."""
-
-    def __init__(self) -> None:
-        self.offline_since: float | None = None
-
-    def failed(self, exc: BaseException) -> None:
-        if self.offline_since is None:
-            self.offline_since = time.monotonic()
-            log.error("server unreachable (%s); serving what is cached", exc)
-
-    def answered(self) -> None:
-        if self.offline_since is not None:
-            log.warning("server reachable again after %.0f s",
-                        time.monotonic() - self.offline_since)
-            self.offline_since = None
 
 
 @dataclass(eq=False)

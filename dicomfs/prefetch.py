@@ -43,7 +43,7 @@ async def prefetch(archive: Archive, study: str, series: str | None = None, *,
     progress = Progress(total, done=cached)
     failed: list[str] = []
     for one in all_series:
-        failed += await archive.fill(study, one, on_stored=progress.add)
+        failed += await archive.prefetch_series(study, one, on_stored=progress.add)
         if metadata:
             (await archive.metadata(study, one)).close()
     if metadata:

@@ -137,7 +137,7 @@ class Uploads:
     def create(self, folder: Node, name: str) -> Node:
         """A new, empty file, open for writing (the caller counts the open)."""
         entry = self._add(folder, name, Kind.UPLOAD_FILE)
-        entry.writer = self.archive.store.writer()
+        entry.writer = self.archive.writer()
         entry.dirty = True  # closing it as it is uploads it: an empty file is refused
         entry.opens += 1
         return entry.node
@@ -262,7 +262,7 @@ class Uploads:
         if entry.state is State.UPLOADING:
             raise OSError(errno.EBUSY, "being stored on the server")
         if entry.writer is None:
-            entry.writer = self.archive.store.writer()
+            entry.writer = self.archive.writer()
             entry.node.size = 0
         entry.state = State.WRITING
         if not entry.visible() and not entry.removed:
@@ -305,7 +305,7 @@ class Uploads:
             sop, study, series = await trio.to_thread.run_sync(_identify, writer, size)
         except IntegrityError as exc:
             raise InvalidUpload(f"refused before sending: {exc}") from None
-        result = await self.archive.client.store_instances([writer.path])
+        result = await self.archive.upload(writer.path)
         if sop in result.failed:
             raise DicomfsError(f"the server refused instance {sop}: {result.failed[sop]}")
         if result.failed or (result.stored and sop not in result.stored):
@@ -365,7 +365,7 @@ class Uploads:
 
     def statvfs(self) -> os.statvfs_result:
         """The space uploads are written to (file managers check it before copying)."""
-        return os.statvfs(self.archive.store.folder)
+        return self.archive.space()
 
 
 def _identify(writer: Writer, size: int) -> tuple[str, str | None, str | None]:
