@@ -89,9 +89,9 @@ class Listings:
         study fetches it alongside), else one QIDO query; offline, the saved listing of its
         study or the cache answers."""
         listed = await self._at_hand(f"series/{study}")
-        if listed is not None and (found := dicomjson.pick(listed, dicomjson.SERIES_UID,
+        if listed is not None and (known := dicomjson.pick(listed, dicomjson.SERIES_UID,
                                                            series)):
-            return found
+            return known
         try:
             found = await self._listing(
                 f"series/{study}/{series}",

@@ -68,7 +68,11 @@ class OpenFile(Protocol):
     arriving (``fetch.StreamingBlob``)."""
 
     size: int
-    fd: int  # the file read from, -1 when there is none yet
+
+    @property
+    def fd(self) -> int:
+        """The file read from, -1 when there is none yet."""
+        ...
 
     async def read(self, offset: int, size: int) -> bytes: ...
 
