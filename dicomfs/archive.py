@@ -67,7 +67,7 @@ class Archive(Listings):
             await nursery.start(self.engine.run)
             if self.readahead is not None:
                 await nursery.start(self.readahead.run)
-            nursery.start_soon(self.run_list_ahead)
+            await nursery.start(super().run)
             task_status.started()
 
     # -- metadata (WADO-RS) ---------------------------------------------------------

@@ -13,7 +13,15 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,9 +325,22 @@ class DicomwebClient:
         path = f"/studies/{check_uid(study)}/series/{check_uid(series)}/instances"
         return await self._search(path, dicomjson.SOP_UID, query, fields)
 
+    def study_pages(self, query: Query = (), *,
+                    fields: Iterable[str] = STUDY_FIELDS
+                    ) -> AsyncGenerator[list[Dataset], None]:
+        """The studies matching ``query``, a page at a time as the server answers: for
+        folders that show the first studies while the rest are on their way."""
+        return self._search_pages("/studies", dicomjson.STUDY_UID, query, fields)
+
     async def _search(self, path: str, key: str, query: Query,
                       fields: Iterable[str]) -> list[Dataset]:
-        """Page through a search until a short or empty page; de-duplicate by UID.
+        return [ds async for page in self._search_pages(path, key, query, fields)
+                for ds in page]
+
+    async def _search_pages(self, path: str, key: str, query: Query,
+                            fields: Iterable[str]) -> AsyncGenerator[list[Dataset], None]:
+        """Page through a search until a short or empty page; yield what each page adds
+        (de-duplicated by UID).
 
         Servers cap pages silently or with a ``Warning`` header, so a page is
         short only when it is shorter than what the server has shown it returns;
@@ -335,7 +356,7 @@ class DicomwebClient:
         # One parameter per field: some servers (Orthanc) ignore a comma list.
         base += [("includefield", field) for field in fields]
         limit = self.config.page_size
-        found: dict[str, Dataset] = {}
+        seen: set[str] = set()
         offset = 0
         batch = 1
         while True:
@@ -343,20 +364,21 @@ class DicomwebClient:
                                       [offset + n * limit for n in range(batch)])
             batch = max(self.config.page_concurrency, 1)
             for page, warning in pages:
-                new = 0
+                new: list[Dataset] = []
                 for dataset in page:
                     uid = dicomjson.uid(dataset, key)
                     if uid is None:
                         log.warning("QIDO %s: skipped an entry without a valid UID", path)
-                    elif uid not in found:
-                        found[uid] = dataset
-                        new += 1
-                if not page or new == 0:
-                    return list(found.values())
+                    elif uid not in seen:
+                        seen.add(uid)
+                        new.append(dataset)
+                if not new:
+                    return
+                yield new
                 offset += len(page)
                 if len(page) < limit:
                     if not warning:
-                        return list(found.values())
+                        return
                     limit, batch = len(page), 1  # capped: ask for what it gives, in order
                     break
 

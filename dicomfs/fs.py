@@ -43,7 +43,7 @@ from dicomfs.errors import (
 )
 from dicomfs.pagecache import PageCache
 from dicomfs.store import OpenFile
-from dicomfs.tree import Kind, Node, Tree
+from dicomfs.tree import Entries, Kind, Node, Tree
 from dicomfs.upload import Uploads
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class DicomFS(pyfuse3.Operations):
         # An inode instead of a Blob: opened without a descriptor (the kernel held
         # every page); one is opened if a READ comes after all.
         self._files: dict[int, OpenFile | int] = {}
-        self._folders: dict[int, list[Node]] = {}
+        self._folders: dict[int, Entries] = {}
         self._written: dict[int, Node] = {}  # handles of files in /upload
 
     @property
@@ -205,22 +205,30 @@ class DicomFS(pyfuse3.Operations):
 
     @_errno
     async def opendir(self, inode: int, ctx: Any) -> int:
+        entries = await self.tree.open_folder(inode)
+        try:
+            await entries.after(0)  # the first page, or the listing's error, here
+        except BaseException:
+            entries.close()
+            raise
         handle = next(self._handles)
-        self._folders[handle] = await self.tree.children(inode)
+        self._folders[handle] = entries
         return handle
 
     @_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        children = self._folders[fh]
-        for index in range(start_id, len(children)):
-            child = children[index]
+        # Waits for the next page of a listing still arriving; nothing returned = the end.
+        children = await self._folders[fh].after(start_id)
+        for index, child in enumerate(children, start_id):
             if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
                                          self.attributes(child), index + 1):
                 break
 
     @_errno
     async def releasedir(self, fh: int) -> None:
-        self._folders.pop(fh, None)
+        entries = self._folders.pop(fh, None)
+        if entries is not None:
+            entries.close()
 
     @_errno
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:

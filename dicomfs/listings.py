@@ -11,9 +11,11 @@ than none. Folders a walker will open next are listed ahead in the background.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import cachetools
 import trio
@@ -33,9 +35,60 @@ LIST_AHEAD_QUEUE = 256  # folders waiting to be listed ahead; more are not liste
 LIST_AHEAD_AT_ONCE = 16  # QIDO requests of listing ahead at once (the pool has 16)
 
 
+class Arriving:
+    """A listing on its way, page by page, shared by everyone who follows it.
+
+    Followers read ``items`` as it grows; when the last one leaves before the end,
+    the transfer stops (``ls | head`` must not walk a million-study server to the
+    end), and nothing partial is kept.
+    """
+
+    def __init__(self, items: list[Dataset] | None = None) -> None:
+        self.items: list[Dataset] = items or []
+        self.pages = 0
+        self.done = items is not None
+        self.error: DicomfsError | None = None
+        self.followers = 0
+        self.scope = trio.CancelScope()
+        self._changed = trio.Event()
+
+    def add(self, page: list[Dataset]) -> None:
+        self.items.extend(page)
+        self.pages += 1
+        self._wake()
+
+    def finish(self, error: DicomfsError | None = None) -> None:
+        self.done, self.error = True, error
+        self._wake()
+
+    async def wait(self, *, beyond: int = 0, pages: int = 0) -> None:
+        """Until more than ``beyond`` items and at least ``pages`` pages have arrived, or
+        the end; the listing's error, if it failed."""
+        while not self.done and (len(self.items) <= beyond or self.pages < pages):
+            await self._changed.wait()
+        if self.error is not None and len(self.items) <= beyond:
+            raise copy.copy(self.error)
+
+    async def complete(self) -> list[Dataset]:
+        await self.wait(beyond=sys.maxsize)
+        return self.items
+
+    def follow(self) -> None:
+        self.followers += 1
+
+    def leave(self) -> None:
+        self.followers -= 1
+        if self.followers <= 0 and not self.done:
+            self.scope.cancel()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
 class Listings:
-    """The server's listings as the mount sees them. :meth:`run_list_ahead` must run
-    for :meth:`list_ahead` to do anything."""
+    """The server's listings as the mount sees them. :meth:`run` must run for study
+    listings and :meth:`list_ahead` to do anything."""
 
     def __init__(self, client: DicomwebClient, store: Store, flights: Flights, *,
                  listing_ttl: float = 60.0) -> None:
@@ -47,11 +100,38 @@ class Listings:
             maxsize=100_000, ttl=listing_ttl)
         self._ahead_send, self._ahead_receive = trio.open_memory_channel[
             tuple[str, str | None]](LIST_AHEAD_QUEUE)
+        self._arriving: dict[str, Arriving] = {}
+        self._nursery: trio.Nursery | None = None
 
     async def studies(self, query: Query = ()) -> list[Dataset]:
+        """Every study ``query`` finds."""
+        arriving = await self.follow_studies(query)
+        try:
+            return await arriving.complete()
+        finally:
+            arriving.leave()
+
+    async def follow_studies(self, query: Query = ()) -> Arriving:
+        """The studies ``query`` finds, as they arrive: done at once from memory or a
+        young saved copy, else page by page from the server (one transfer however many
+        follow it). The caller follows it and must :meth:`Arriving.leave` it."""
         items = sorted(dict(query).items()) if query else []
-        return await self._listing(f"studies?{items}",
-                                   lambda: self.client.search_studies(items))
+        name = f"studies?{items}"
+        arriving = self._arriving.get(name)
+        if arriving is None or arriving.scope.cancel_called:
+            cached = self._listings.get(name)
+            saved = None
+            if cached is None:
+                saved = self.store.load_listing(name)
+                cached = await self._young(name, saved)
+            if cached is not None:
+                arriving = Arriving(cached)
+            else:
+                arriving = self._arriving[name] = Arriving()
+                self._start(self._arrive, name, arriving, saved,
+                            self.client.study_pages(items))
+        arriving.follow()
+        return arriving
 
     async def series(self, study: str) -> list[Dataset]:
         return await self._listing(f"series/{study}",
@@ -144,7 +224,20 @@ class Listings:
         with contextlib.suppress(trio.WouldBlock):
             self._ahead_send.send_nowait((study, series))
 
-    async def run_list_ahead(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run listing ahead and the study listings on their way, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._list_ahead()
+
+    def _start(self, work: Callable[..., Awaitable[None]], *args: object) -> None:
+        if self._nursery is None:
+            raise RuntimeError("Listings.run is not running")
+        self._nursery.start_soon(work, *args)
+
+    async def _list_ahead(self) -> None:
         limiter = trio.CapacityLimiter(LIST_AHEAD_AT_ONCE)
 
         async def one(study: str, series: str | None) -> None:
@@ -213,3 +306,38 @@ class Listings:
         await trio.to_thread.run_sync(
             lambda: self.store.save_listing(name, json.dumps(result).encode()))
         return result
+
+    async def _arrive(self, name: str, arriving: Arriving, saved: tuple[bytes, float] | None,
+                      pages: AsyncGenerator[list[Dataset], None]) -> None:
+        """Bring a study listing in page by page; complete, it is kept like any other.
+        Offline before its first page, a saved copy of any age stands in."""
+        error: DicomfsError | None = None
+        with arriving.scope:
+            try:
+                while True:
+                    try:
+                        page = await self.flights.guarded(lambda: anext(pages))
+                    except StopAsyncIteration:
+                        break
+                    arriving.add(page)
+            except OFFLINE_ERRORS as exc:
+                if saved is None or arriving.pages:
+                    error = exc
+                else:
+                    log.warning("serving a saved listing (%s)", exc)
+                    arriving.items = await self._remember(name, saved[0])
+            except DicomfsError as exc:
+                error = exc
+            finally:
+                with trio.CancelScope(shield=True):
+                    await pages.aclose()
+                if self._arriving.get(name) is arriving:
+                    del self._arriving[name]
+        if arriving.scope.cancelled_caught:
+            error = error or DicomfsError("stopped: nobody follows the listing any more")
+        elif error is None:
+            self._listings[name] = arriving.items
+            await trio.to_thread.run_sync(
+                lambda: self.store.save_listing(name, json.dumps(arriving.items).encode()))
+        arriving.finish(error)
+

@@ -21,6 +21,7 @@ import pytest
 from dicomfs import dicomjson, names
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import BadRequest
+from dicomfs.listings import Arriving
 from dicomfs.tree import Kind, Tree
 from tests.support import LocalOrthanc, SampleArchive, SampleFile, demo_uid
 from tests.support.fakes import serving
@@ -423,6 +424,9 @@ class FakeArchive:
         return [ds for ds in self.all
                 if all(dicomjson.text(ds, dicomjson.PATIENT_ID) == v
                        for k, v in query.items() if k == "PatientID")]
+
+    async def follow_studies(self, query: Mapping[str, str]) -> Arriving:
+        return Arriving(await self.studies(query))
 
     def list_ahead(self, study: str, series: str | None = None) -> None:
         """Listing ahead asks nothing of its own here: only what the tree asks counts."""

@@ -18,5 +18,6 @@ made each folder (view.py); views read the server through the
 
 from dicomfs.tree.nodes import Kind, Node
 from dicomfs.tree.root import Tree
+from dicomfs.tree.view import Entries
 
-__all__ = ["Kind", "Node", "Tree"]
+__all__ = ["Entries", "Kind", "Node", "Tree"]

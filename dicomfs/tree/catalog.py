@@ -11,12 +11,17 @@ from typing import Protocol
 
 from dicomfs.client import Query
 from dicomfs.dicomjson import Dataset
+from dicomfs.listings import Arriving
 from dicomfs.store import Key, OpenFile
 
 
 class Catalog(Protocol):
     async def studies(self, query: Query = ()) -> list[Dataset]:
         """The studies a QIDO query finds (the whole server for none)."""
+        ...
+
+    async def follow_studies(self, query: Query = ()) -> Arriving:
+        """The same as it arrives, page by page; the caller leaves it when done."""
         ...
 
     async def series(self, study: str) -> list[Dataset]: ...

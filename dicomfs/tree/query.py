@@ -16,8 +16,8 @@ from dicomfs.dicomjson import Dataset
 from dicomfs.errors import BadRequest
 from dicomfs.tree.nodes import Kind, Node, Nodes
 from dicomfs.tree.scope import Scope
-from dicomfs.tree.studies import StudyFolders
-from dicomfs.tree.view import View
+from dicomfs.tree.studies import StudyFolders, study_entries
+from dicomfs.tree.view import Entries, View
 from dicomfs.uids import is_uid
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,13 @@ class QueryView(View):
         return self.nodes.study(self.contents, folder, found) if found is not None else None
 
     async def children(self, folder: Node) -> list[Node]:
+        return await (await self.entries(folder)).all()
+
+    async def entries(self, folder: Node) -> Entries:
         if not folder.group:
-            return [self._help()]
-        found = await self._studies(folder.group)
-        return [self.nodes.study(self.contents, folder, ds)
-                for ds in dicomjson.sorted_by_uid(found, dicomjson.STUDY_UID)]
+            return Entries([self._help()])
+        query = dict(names.parse_query(folder.group))
+        return await study_entries(self.contents, folder, await self.scope.follow(query))
 
     async def _search(self, name: str) -> Node | None:
         """A search's folder, once the search is known good.

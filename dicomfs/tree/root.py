@@ -22,7 +22,7 @@ from dicomfs.tree.query import HELP, QueryView
 from dicomfs.tree.rendered import RenderedFolders
 from dicomfs.tree.scope import Scope
 from dicomfs.tree.studies import NamedStudyFolders, StudiesView, StudyFolders
-from dicomfs.tree.view import LIST_AHEAD_FOLDERS, View
+from dicomfs.tree.view import LIST_AHEAD_FOLDERS, Entries, View
 
 if TYPE_CHECKING:
     from dicomfs.upload import Uploads
@@ -81,17 +81,33 @@ class Tree:
             raise FileNotFoundError(name)
         return child
 
-    async def children(self, inode: int) -> list[Node]:
-        """Everything in a folder, in a stable order; the listings of the first folders
-        in it are fetched ahead (see ``Archive.list_ahead``), for walkers."""
+    async def open_folder(self, inode: int) -> Entries:
+        """A folder's entries for one reader, possibly still arriving; the listings of
+        the first folders in it are fetched ahead (``Archive.list_ahead``), for walkers."""
         folder = self.node(inode)
         if not folder.is_dir:
             raise NotADirectoryError(folder.name)
-        found = await folder.view.children(folder)
-        for child in found[:LIST_AHEAD_FOLDERS]:
-            if child.is_dir:
-                await child.view.list_ahead(child)
-        return found
+        entries = await folder.view.entries(folder)
+        seen = 0
+
+        async def list_ahead(new: list[Node]) -> None:
+            nonlocal seen
+            for child in new[:max(LIST_AHEAD_FOLDERS - seen, 0)]:
+                if child.is_dir:
+                    await child.view.list_ahead(child)
+            seen += len(new)
+
+        await list_ahead(entries.nodes)
+        entries.seen = list_ahead
+        return entries
+
+    async def children(self, inode: int) -> list[Node]:
+        """Everything in a folder, once all of it has arrived."""
+        entries = await self.open_folder(inode)
+        try:
+            return await entries.all()
+        finally:
+            entries.close()
 
     async def open(self, inode: int) -> OpenFile:
         """The file's bytes, fetched (and cached) on first open; the size becomes exact."""

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from dicomfs import dicomjson, names
 from dicomfs.dicomjson import Dataset
+from dicomfs.listings import Arriving
 from dicomfs.tree.catalog import Catalog
 
 
@@ -21,11 +22,17 @@ class Scope:
         A key the scope also sets, to another value, cannot be sent twice: the
         server answers the query's value and the scope's listing filters.
         """
-        if not query:
-            return await self.archive.studies(self.query)
-        narrower = any(self.query.get(key, value) != value for key, value in query.items())
-        found = await self.archive.studies({**self.query, **query})
-        if narrower:
+        found = await self.archive.studies({**self.query, **(query or {})})
+        if query and self._narrower(query):
             allowed = {dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in await self.studies()}
             found = [ds for ds in found if dicomjson.uid(ds, dicomjson.STUDY_UID) in allowed]
         return found
+
+    async def follow(self, query: Mapping[str, str] | None = None) -> Arriving:
+        """The same, as it arrives (see ``Listings.follow_studies``); the caller leaves it."""
+        if query and self._narrower(query):
+            return Arriving(await self.studies(query))
+        return await self.archive.follow_studies({**self.query, **(query or {})})
+
+    def _narrower(self, query: Mapping[str, str]) -> bool:
+        return any(self.query.get(key, value) != value for key, value in query.items())

@@ -15,9 +15,10 @@ import trio
 from dicomfs import dicomjson, names
 from dicomfs.dicomjson import Dataset
 from dicomfs.errors import DicomfsError
+from dicomfs.listings import Arriving
 from dicomfs.tree.nodes import METADATA, Kind, Node, Nodes
 from dicomfs.tree.scope import Scope
-from dicomfs.tree.view import NamedView, View
+from dicomfs.tree.view import Entries, NamedView, View
 from dicomfs.uids import is_uid
 
 
@@ -118,6 +119,22 @@ def named_studies(contents: NamedStudyFolders, folder: Node, studies: list[Datas
     return children
 
 
+async def study_entries(contents: StudyFolders, folder: Node, arriving: Arriving
+                        ) -> Entries:
+    """Study folders (by UID) of a study listing: sorted when it is at hand, else
+    in the server's order as it arrives."""
+    def make(ds: Dataset) -> Node:
+        return contents.nodes.study(contents, folder, ds)
+
+    if not arriving.done:
+        return Entries([], arriving, make)
+    try:
+        found = await arriving.complete()
+    finally:
+        arriving.leave()
+    return Entries([make(ds) for ds in dicomjson.sorted_by_uid(found, dicomjson.STUDY_UID)])
+
+
 class StudiesView(View):
     """/studies (and /rendered): the scope's studies by UID, also a study the
     server's listing cap (or the scope) leaves out, found by its UID."""
@@ -141,9 +158,10 @@ class StudiesView(View):
         return self.nodes.study(self.contents, folder, study) if study is not None else None
 
     async def children(self, folder: Node) -> list[Node]:
-        found = await self.scope.studies()
-        return [self.nodes.study(self.contents, folder, ds)
-                for ds in dicomjson.sorted_by_uid(found, dicomjson.STUDY_UID)]
+        return await (await self.entries(folder)).all()
+
+    async def entries(self, folder: Node) -> Entries:
+        return await study_entries(self.contents, folder, await self.scope.follow())
 
     async def _series_quietly(self, study: str) -> None:
         with contextlib.suppress(DicomfsError):  # the series lookup asks again, and says

@@ -10,10 +10,12 @@ another view (a patient folder's studies are answered by the named study view).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import cachetools
 
+from dicomfs.dicomjson import Dataset
+from dicomfs.listings import Arriving
 from dicomfs.tree.nodes import Node, Nodes
 
 LIST_AHEAD_FOLDERS = 64  # of a listing, the first so many folders are listed ahead
@@ -35,6 +37,11 @@ class View:
     async def children(self, folder: Node) -> list[Node]:
         """Everything in ``folder``, in a stable order."""
         return []
+
+    async def entries(self, folder: Node) -> Entries:
+        """What one ``opendir`` of ``folder`` shows; views of whole-server listings
+        override it to show the first page while the rest arrives."""
+        return Entries(await self.children(folder))
 
     async def list_ahead(self, folder: Node) -> None:
         """Start fetching the listings a walker opening ``folder`` will need."""
@@ -76,3 +83,44 @@ class NamedView(View):
         if cached is None or cached[0] is not source:
             cached = self._named[folder.inode] = (source, dict(sorted(naming().items())))
         return cached[1]
+
+
+class Entries:
+    """A folder's entries for one ``opendir``: all known at once, or growing while the
+    study listing behind them arrives (``arriving``, each study made a node by
+    ``make``), so that ``find``, ``ls -U`` and file managers show the first page of a
+    million-study server after one round trip. Each name is listed once; the order is
+    the server's while it arrives.
+    """
+
+    def __init__(self, nodes: list[Node], arriving: Arriving | None = None,
+                 make: Callable[[Dataset], Node] | None = None) -> None:
+        self.nodes = nodes  # with ``arriving``, one per item of it so far
+        self._arriving = arriving
+        self._make = make
+        self.seen: Callable[[list[Node]], Awaitable[None]] | None = None
+
+    async def after(self, start: int) -> list[Node]:
+        """The entries from ``start`` on: at least one, unless the folder has no more."""
+        arriving = self._arriving
+        if arriving is not None and self._make is not None:
+            await arriving.wait(beyond=start)
+            new = [self._make(ds) for ds in arriving.items[len(self.nodes):]]
+            self.nodes.extend(new)
+            if self.seen is not None:
+                await self.seen(new)
+            if arriving.done:
+                self.close()
+        return self.nodes[start:]
+
+    async def all(self) -> list[Node]:
+        while self._arriving is not None:
+            await self.after(len(self.nodes))
+        return self.nodes
+
+    def close(self) -> None:
+        """No more reading (``releasedir``): the listing stops if nobody else follows."""
+        if self._arriving is not None:
+            self._arriving.leave()
+            self._arriving = None
+
