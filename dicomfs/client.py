@@ -332,6 +332,15 @@ class DicomwebClient:
         folders that show the first studies while the rest are on their way."""
         return self._search_pages("/studies", dicomjson.STUDY_UID, query, fields)
 
+    async def first_studies(self, query: Query = (), *, fields: Iterable[str] = STUDY_FIELDS
+                            ) -> tuple[list[Dataset], bool]:
+        """The first page of a study search, and whether it is all there is (a short
+        page without a warning): one request tells a small server from a large one."""
+        limit = self.config.page_size
+        page, warning = await self._page("/studies", _search_params(query, fields), limit, 0)
+        return _new("/studies", page, dicomjson.STUDY_UID, set()), \
+            len(page) < limit and not warning
+
     async def _search(self, path: str, key: str, query: Query,
                       fields: Iterable[str]) -> list[Dataset]:
         return [ds async for page in self._search_pages(path, key, query, fields)
@@ -351,10 +360,7 @@ class DicomwebClient:
         server tells the total, so the last ones may come back empty). A capped
         page puts the walk back to one page at a time from where it was cut.
         """
-        items = query.items() if isinstance(query, Mapping) else query
-        base = [(str(k), str(v)) for k, v in items]
-        # One parameter per field: some servers (Orthanc) ignore a comma list.
-        base += [("includefield", field) for field in fields]
+        base = _search_params(query, fields)
         limit = self.config.page_size
         seen: set[str] = set()
         offset = 0
@@ -364,14 +370,7 @@ class DicomwebClient:
                                       [offset + n * limit for n in range(batch)])
             batch = max(self.config.page_concurrency, 1)
             for page, warning in pages:
-                new: list[Dataset] = []
-                for dataset in page:
-                    uid = dicomjson.uid(dataset, key)
-                    if uid is None:
-                        log.warning("QIDO %s: skipped an entry without a valid UID", path)
-                    elif uid not in seen:
-                        seen.add(uid)
-                        new.append(dataset)
+                new = _new(path, page, key, seen)
                 if not new:
                     return
                 yield new
@@ -659,3 +658,22 @@ async def _single_part(response: httpx.Response, content_type: str,
     if declared is not None and declared.isdigit() and size != int(declared):
         raise Truncated(f"got {size} of {declared} bytes", url=url)
     yield PartEnd()
+
+
+def _search_params(query: Query, fields: Iterable[str]) -> list[tuple[str, str]]:
+    items = query.items() if isinstance(query, Mapping) else query
+    # One parameter per field: some servers (Orthanc) ignore a comma list.
+    return [*((str(k), str(v)) for k, v in items), *(("includefield", f) for f in fields)]
+
+
+def _new(path: str, page: list[Dataset], key: str, seen: set[str]) -> list[Dataset]:
+    """The entries of a QIDO page not seen before (by their UID in ``key``), noted as seen."""
+    new: list[Dataset] = []
+    for dataset in page:
+        uid = dicomjson.uid(dataset, key)
+        if uid is None:
+            log.warning("QIDO %s: skipped an entry without a valid UID", path)
+        elif uid not in seen:
+            seen.add(uid)
+            new.append(dataset)
+    return new

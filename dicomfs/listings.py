@@ -35,6 +35,10 @@ LIST_AHEAD_QUEUE = 256  # folders waiting to be listed ahead; more are not liste
 LIST_AHEAD_AT_ONCE = 16  # QIDO requests of listing ahead at once (the pool has 16)
 
 
+class _Large(Exception):
+    """The first page of a listing was full: there is more."""
+
+
 class Arriving:
     """A listing on its way, page by page, shared by everyone who follows it.
 
@@ -101,6 +105,7 @@ class Listings:
         self._ahead_send, self._ahead_receive = trio.open_memory_channel[
             tuple[str, str | None]](LIST_AHEAD_QUEUE)
         self._arriving: dict[str, Arriving] = {}
+        self._large: set[str] = set()  # study listings known to hold more than a page
         self._nursery: trio.Nursery | None = None
 
     async def studies(self, query: Query = ()) -> list[Dataset]:
@@ -110,6 +115,34 @@ class Listings:
             return await arriving.complete()
         finally:
             arriving.leave()
+
+    async def few_studies(self, query: Query = ()) -> list[Dataset] | None:
+        """Every study ``query`` finds if they fit in one QIDO page, else None.
+
+        Views that group the whole scope (/patients, /dates) do so only on servers
+        this small, and ask by part (a letter, a month) on larger ones, where listing
+        everything would take minutes. One request, which on a small server is the
+        listing itself; a server found large stays so for the mount's life.
+        """
+        items = sorted(dict(query).items()) if query else []
+        name = f"studies?{items}"
+        if name in self._large:
+            return None
+
+        async def first_page() -> list[Dataset]:
+            page, complete = await self.client.first_studies(items)
+            if not complete:
+                raise _Large
+            return page
+
+        try:
+            found = await self._listing(name, first_page)
+        except _Large:
+            found = None
+        if found is None or len(found) >= self.client.config.page_size:
+            self._large.add(name)
+            return None
+        return found
 
     async def follow_studies(self, query: Query = ()) -> Arriving:
         """The studies ``query`` finds, as they arrive: done at once from memory or a

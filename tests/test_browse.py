@@ -425,6 +425,9 @@ class FakeArchive:
                 if all(dicomjson.text(ds, dicomjson.PATIENT_ID) == v
                        for k, v in query.items() if k == "PatientID")]
 
+    async def few_studies(self, query: Mapping[str, str]) -> list[dicomjson.Dataset] | None:
+        return await self.studies(query)
+
     async def follow_studies(self, query: Mapping[str, str]) -> Arriving:
         return Arriving(await self.studies(query))
 

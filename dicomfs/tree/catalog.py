@@ -20,6 +20,10 @@ class Catalog(Protocol):
         """The studies a QIDO query finds (the whole server for none)."""
         ...
 
+    async def few_studies(self, query: Query = ()) -> list[Dataset] | None:
+        """All the studies ``query`` finds if they fit one QIDO page, else None."""
+        ...
+
     async def follow_studies(self, query: Query = ()) -> Arriving:
         """The same as it arrives, page by page; the caller leaves it when done."""
         ...

@@ -1,10 +1,21 @@
 """/dates: studies by date, named for people.
 
-``/dates/<YYYY>/<YYYY-MM>/<YYYY-MM-DD>/<Time> <Description>/...``, and
-``/dates/unknown`` for studies without a usable date.
+``/dates/<YYYY>/<YYYY-MM>/<YYYY-MM-DD>/<Time> <Description>/...``.
+
+On a server with few studies (one QIDO page, see ``Listings.few_studies``) every
+folder comes from that one listing: only dates with studies show, and
+``/dates/unknown`` holds the studies without a usable date. On a larger server,
+listing everything would take minutes, so each folder asks only for itself: years
+(from 1985, the year of ACR-NEMA, to this one) and months are a fixed calendar, a
+month lists the days that have studies with one ``StudyDate`` range query, a day
+its studies with one query; studies dated outside the calendar or not at all are
+found through /studies and /query there.
 """
 
 from __future__ import annotations
+
+import calendar
+import time
 
 from dicomfs import dicomjson, names
 from dicomfs.dicomjson import Dataset
@@ -13,8 +24,10 @@ from dicomfs.tree.scope import Scope
 from dicomfs.tree.studies import NamedStudyFolders, named_studies
 from dicomfs.tree.view import LIST_AHEAD_FOLDERS, NamedView
 
-DAY = len("YYYY-MM-DD")
-NEXT_LEVEL = {0: len("YYYY"), len("YYYY"): len("YYYY-MM"), len("YYYY-MM"): DAY}
+FIRST_YEAR = 1985
+YEAR, MONTH, DAY = len("YYYY"), len("YYYY-MM"), len("YYYY-MM-DD")
+NEXT_LEVEL = {0: YEAR, YEAR: MONTH, MONTH: DAY}
+CALENDAR = "calendar"  # what calendar folders' names are made from: nothing that changes
 
 
 class DatesView(NamedView):
@@ -24,37 +37,84 @@ class DatesView(NamedView):
         super().__init__(nodes)
         self.scope = scope
         self.contents = contents
+        self.large = False  # the last listing found the server too large to list whole
         self._grouped: tuple[list[Dataset], dict[str, list[Dataset]]] = ([], {})
 
     async def names(self, folder: Node) -> dict[str, Node]:
-        studies, by_day = await self._by_day()
+        few = await self.scope.few()
+        self.large = few is None
+        if few is None:
+            return await self._by_query(folder)
+        by_day = self._by_day(few)
         prefix = folder.group
         if len(prefix) == DAY or prefix == names.UNKNOWN_DATE:
-            return self.memo(folder, studies, lambda: named_studies(
+            return self.memo(folder, few, lambda: named_studies(
                 self.contents, folder, by_day.get(prefix, []), names.dated_study_folder))
         # /dates holds years (and "unknown"), a year months, a month days.
         size = NEXT_LEVEL[len(prefix)]
-        folders = {day[:size] if day != names.UNKNOWN_DATE else day
-                   for day in by_day if day.startswith(prefix)}
-        return self.memo(folder, studies, lambda: {
-            name: self.nodes.add(self, Kind.FOLDER, (self, name), name, group=name)
-            for name in folders})
+        return self.memo(folder, few, lambda: self._folders(
+            {day[:size] if day != names.UNKNOWN_DATE else day
+             for day in by_day if day.startswith(prefix)}))
+
+    def lists_ahead(self, folder: Node) -> bool:
+        return not self.large
 
     async def list_ahead(self, folder: Node) -> None:
-        if folder.group:
-            by_day = (await self._by_day())[1]
-            below = [ds for day, studies in by_day.items() if day.startswith(folder.group)
-                     for ds in studies]
-            for ds in below[:LIST_AHEAD_FOLDERS]:
-                self.archive.list_ahead(dicomjson.uid(ds, dicomjson.STUDY_UID) or "")
+        few = await self.scope.few()
+        if few is None or not folder.group:
+            return
+        below = [ds for day, studies in self._by_day(few).items()
+                 if day.startswith(folder.group) for ds in studies]
+        for ds in below[:LIST_AHEAD_FOLDERS]:
+            self.archive.list_ahead(dicomjson.uid(ds, dicomjson.STUDY_UID) or "")
 
-    async def _by_day(self) -> tuple[list[Dataset], dict[str, list[Dataset]]]:
-        """The scope's studies by day, grouped again when the listing is new."""
-        studies = await self.scope.studies()
+    async def _by_query(self, folder: Node) -> dict[str, Node]:
+        """A large server: a calendar of years and months, a query per month and day."""
+        prefix = folder.group
+        if prefix == names.UNKNOWN_DATE:  # made while the server was small
+            return {}
+        if len(prefix) < MONTH:
+            return self.memo(folder, CALENDAR, lambda: self._folders(_calendar(prefix)))
+        studies = await self.scope.studies({"StudyDate": _date_range(prefix)})
+        if len(prefix) == MONTH:
+            return self.memo(folder, studies, lambda: self._folders(
+                {day for ds in studies if (day := _day(ds)).startswith(prefix)}))
+        return self.memo(folder, studies, lambda: named_studies(
+            self.contents, folder, [ds for ds in studies if _day(ds) == prefix],
+            names.dated_study_folder))
+
+    def _folders(self, prefixes: set[str]) -> dict[str, Node]:
+        return {name: self.nodes.add(self, Kind.FOLDER, (self, name), name, group=name)
+                for name in prefixes}
+
+    def _by_day(self, studies: list[Dataset]) -> dict[str, list[Dataset]]:
+        """The studies by day, grouped again when the listing is new."""
         if self._grouped[0] is not studies:
             by_day: dict[str, list[Dataset]] = {}
             for ds in studies:
-                day = names.iso_date(dicomjson.text(ds, dicomjson.STUDY_DATE))
-                by_day.setdefault(day or names.UNKNOWN_DATE, []).append(ds)
+                by_day.setdefault(_day(ds), []).append(ds)
             self._grouped = (studies, by_day)
-        return self._grouped
+        return self._grouped[1]
+
+
+def _day(ds: Dataset) -> str:
+    return names.iso_date(dicomjson.text(ds, dicomjson.STUDY_DATE)) or names.UNKNOWN_DATE
+
+
+def _calendar(prefix: str) -> set[str]:
+    """Years up to this one; a year's months, up to this month in this year."""
+    now = time.localtime()
+    if not prefix:
+        return {str(year) for year in range(FIRST_YEAR, now.tm_year + 1)}
+    year = int(prefix)
+    last = now.tm_mon if year == now.tm_year else 12
+    return {f"{year}-{month:02}" for month in range(1, last + 1)}
+
+
+def _date_range(prefix: str) -> str:
+    """The QIDO StudyDate value of a month (a range) or a day."""
+    year, month = int(prefix[:4]), int(prefix[5:7])
+    if len(prefix) == DAY:
+        return prefix.replace("-", "")
+    last = calendar.monthrange(year, month)[1]
+    return f"{year}{month:02}01-{year}{month:02}{last:02}"

@@ -2,9 +2,18 @@
 
 ``/patients/<Name> (<ID>)/<Date> <Description>/<Series>/<Number>.dcm`` (see names.py).
 A patient is who QIDO says a study belongs to: the same ID and the same name.
+
+On a server with few studies (one QIDO page, see ``Listings.few_studies``) the
+patients come from that one listing. On a larger one, listing everything to show
+one patient would take minutes: /patients then holds a folder per initial, ``A`` to
+``Z``, each listing the patients whose family name starts with it (one
+``PatientName=S*`` query, case-insensitive on most servers), and a patient's folder
+comes from that listing. Names that start otherwise are found through /query there.
 """
 
 from __future__ import annotations
+
+import string
 
 from dicomfs import dicomjson, names
 from dicomfs.dicomjson import Dataset
@@ -13,44 +22,77 @@ from dicomfs.tree.scope import Scope
 from dicomfs.tree.studies import NamedStudyFolders, named_studies
 from dicomfs.tree.view import LIST_AHEAD_FOLDERS, NamedView
 
+INITIALS = string.ascii_uppercase
+
 
 class PatientsView(NamedView):
-    """/patients and each patient's folder (``group`` holds the patient's key)."""
+    """/patients, its initials' folders on a large server (``group`` one letter), and
+    each patient's folder (``group`` the patient's key, ``initial`` its letter)."""
 
     def __init__(self, nodes: Nodes, scope: Scope, contents: NamedStudyFolders) -> None:
         super().__init__(nodes)
         self.scope = scope
         self.contents = contents
+        self.large = False  # the last listing found the server too large to list whole
+        self._initial: dict[int, str] = {}  # a large server's patient folder -> its letter
         self._grouped: tuple[list[Dataset], dict[str, list[Dataset]]] = ([], {})
 
     async def names(self, folder: Node) -> dict[str, Node]:
-        studies, by_patient = await self._by_patient()
-        if folder.group:
-            mine = by_patient.get(folder.group, [])
+        few = await self.scope.few()
+        self.large = few is None
+        group = folder.group
+        if "\n" in group:  # a patient's folder: its key
+            initial = self._initial.get(folder.inode)
+            if few is not None:
+                studies = few
+            elif initial is not None:
+                studies = await self._with_initial(initial)
+            else:  # made while the server was small
+                return {}
+            mine = self._by_patient(studies).get(group, [])
             return self.memo(folder, studies, lambda: named_studies(
                 self.contents, folder, mine, names.study_folder))
-        return self.memo(folder, studies, lambda: self._name_patients(by_patient))
+        if few is None and not group:
+            return self.memo(folder, INITIALS, lambda: {
+                letter: self.nodes.add(self, Kind.FOLDER, (self, letter), letter, group=letter)
+                for letter in INITIALS})
+        studies = few if few is not None else await self._with_initial(group)
+        by_patient = self._by_patient(studies)
+        return self.memo(folder, studies, lambda: self._name_patients(folder, by_patient))
+
+    def lists_ahead(self, folder: Node) -> bool:
+        return not self.large
 
     async def list_ahead(self, folder: Node) -> None:
-        if folder.group:
-            for ds in (await self._by_patient())[1].get(folder.group, [])[:LIST_AHEAD_FOLDERS]:
+        few = await self.scope.few()
+        if few is not None and folder.group:
+            for ds in self._by_patient(few).get(folder.group, [])[:LIST_AHEAD_FOLDERS]:
                 self.archive.list_ahead(dicomjson.uid(ds, dicomjson.STUDY_UID) or "")
 
-    def _name_patients(self, by_patient: dict[str, list[Dataset]]) -> dict[str, Node]:
+    def _name_patients(self, folder: Node, by_patient: dict[str, list[Dataset]]
+                       ) -> dict[str, Node]:
         unique = names.unique({key: (names.patient_folder(studies[0]), "")
                                for key, studies in by_patient.items()})
-        return {name: self.nodes.add(self, Kind.FOLDER, (self, key), name, group=key)
-                for key, name in unique.items()}
+        children = {}
+        for key, name in unique.items():
+            child = children[name] = self.nodes.add(self, Kind.FOLDER, (self, folder.group, key),
+                                                    name, group=key)
+            if folder.group:
+                self._initial[child.inode] = folder.group
+        return children
 
-    async def _by_patient(self) -> tuple[list[Dataset], dict[str, list[Dataset]]]:
-        """The scope's studies by patient, grouped again when the listing is new."""
-        studies = await self.scope.studies()
+    async def _with_initial(self, initial: str) -> list[Dataset]:
+        """The studies of the patients whose family name starts with ``initial``."""
+        return await self.scope.studies({"PatientName": f"{initial}*"})
+
+    def _by_patient(self, studies: list[Dataset]) -> dict[str, list[Dataset]]:
+        """The studies by patient, grouped again when the listing is new."""
         if self._grouped[0] is not studies:
             by_patient: dict[str, list[Dataset]] = {}
             for ds in studies:
                 by_patient.setdefault(patient_key(ds), []).append(ds)
             self._grouped = (studies, by_patient)
-        return self._grouped
+        return self._grouped[1]
 
 
 def patient_key(ds: Dataset) -> str:

@@ -88,6 +88,8 @@ class Tree:
         if not folder.is_dir:
             raise NotADirectoryError(folder.name)
         entries = await folder.view.entries(folder)
+        if not folder.view.lists_ahead(folder):
+            return entries
         seen = 0
 
         async def list_ahead(new: list[Node]) -> None:

@@ -34,5 +34,10 @@ class Scope:
             return Arriving(await self.studies(query))
         return await self.archive.follow_studies({**self.query, **(query or {})})
 
+    async def few(self) -> list[Dataset] | None:
+        """All the scope's studies if the server holds few (one QIDO page), else None:
+        see ``Listings.few_studies``."""
+        return await self.archive.few_studies(self.query)
+
     def _narrower(self, query: Mapping[str, str]) -> bool:
         return any(self.query.get(key, value) != value for key, value in query.items())

@@ -43,6 +43,10 @@ class View:
         override it to show the first page while the rest arrives."""
         return Entries(await self.children(folder))
 
+    def lists_ahead(self, folder: Node) -> bool:
+        """Whether listing ``folder`` fetches the listings of the folders in it ahead."""
+        return True
+
     async def list_ahead(self, folder: Node) -> None:
         """Start fetching the listings a walker opening ``folder`` will need."""
         if folder.study:
