@@ -15,9 +15,9 @@ from dicomfs import dicomjson
 from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.store import Store, server_folder_name
-from tests.conftest import MountFactory
 from tests.support import SampleArchive
-from tests.support.fakes import Reply, Seen, element, serving
+from tests.support.fakeserver import Reply, Seen, element, serving
+from tests.support.harness import MountFactory
 
 STUDY = "1.2.826.0.1.9"
 

@@ -23,12 +23,11 @@ from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import BadRequest
 from dicomfs.tree import Kind, Tree
 from tests.support import LocalOrthanc, SampleArchive, SampleFile, demo_uid
-from tests.support.fakes import serving
+from tests.support.fakeserver import WARNING_299, qido_pager, serving, study_item
 from tests.support.tiny import tiny_instance
-from tests.test_client import WARNING_299, qido_pager, study_item
 
 if TYPE_CHECKING:
-    from conftest import Mount, MountFactory, OrthancFactory
+    from tests.support.harness import Mount, MountFactory, OrthancFactory
 
 INSTANCE_RETRIEVE = "/instances/"
 

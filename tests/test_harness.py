@@ -24,7 +24,7 @@ from tests.support.mounts import is_mounted
 from tests.support.sample import build_big_instance, sample_source
 
 if TYPE_CHECKING:
-    from conftest import Mount, MountFactory, OrthancFactory
+    from tests.support.harness import Mount, MountFactory, OrthancFactory
 
 CT_SLICES = 400  # what the session archive fixture builds (tests/conftest.py)
 

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicomfs.cli import fuse_helper_argv
 from dicomfs.metrics import KINDS, parse_address, request_kind
-from tests.conftest import REPO_ROOT
 from tests.support import LocalOrthanc, SampleArchive
 from tests.support.fakes import wait_until
+from tests.support.harness import REPO_ROOT
 from tests.support.netem import LinkProxy, _ResponseBodies
 from tests.support.orthanc import free_port
 

@@ -23,9 +23,9 @@ import pytest
 
 from dicomfs import capabilities
 from dicomfs.store import server_folder_name
-from tests.conftest import check_listings_equal_qido
 from tests.support import LocalOrthanc, SampleArchive
 from tests.support.fakes import Forward, Proxy, Request, Stall
+from tests.support.harness import check_listings_equal_qido
 from tests.support.mounts import is_mounted
 from tests.support.sample import part10_dataset
 

@@ -25,9 +25,10 @@ import httpx
 import pytest
 
 from tests.support import SampleArchive
+from tests.support.harness import REPO_ROOT
 
 if TYPE_CHECKING:
-    from conftest import LinkFactory, OrthancFactory
+    from tests.support.harness import LinkFactory, OrthancFactory
 
 Handler = Callable[[socket.socket], None]
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -274,7 +275,7 @@ def test_orthanc_answers_through_a_link(
 def test_command_line(targets: Callable[[Handler], Target], tmp_path: Path) -> None:
     """``python -m tests.support.netem`` prints its URL, forwards, and sums up on SIGTERM."""
     target = targets(echo)
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.netem", "--target", target.address,
          "--delay-ms", "5", "--rate", "20M"],

@@ -51,23 +51,19 @@ from tests.support import LocalOrthanc, SampleArchive
 from tests.support.fakes import (
     TOKEN_COMMAND,
     Proxy,
-    Reply,
-    Seen,
     StreamingJsonServer,
     TokenGate,
-    element,
-    one_series_app,
-    serving,
     wait_until,
 )
+from tests.support.fakeserver import Reply, Seen, element, one_series_app, serving
+from tests.support.harness import REPO_ROOT
 from tests.support.mounts import force_unmount, is_mounted, mount_points, run_quietly
 from tests.support.sample import part10_dataset
 from tests.support.tls import Pair, Pki, TlsProxy
 
 if TYPE_CHECKING:
-    from conftest import MountFactory, OrthancFactory
+    from tests.support.harness import MountFactory, OrthancFactory
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 

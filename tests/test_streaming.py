@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomfs.store import server_folder_name
-from tests.conftest import LinkFactory, MountFactory
 from tests.support import LocalOrthanc, SampleArchive, demo_uid
 from tests.support.fakes import Cut, Forward, Proxy, Request, wait_until
+from tests.support.harness import LinkFactory, MountFactory
 
 MiB = 1024 * 1024
 FRAMES = 160  # 160 frames of 512 x 512 x 2 bytes: an 84 MB multi-frame instance

@@ -24,11 +24,11 @@ from dicomfs.cli import build_parser, fuse_helper_argv
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import Conflict, ServerError
 from tests.support import LocalOrthanc, demo_uid
-from tests.support.fakes import FakeServer, Reply, Seen, serving
+from tests.support.fakeserver import FakeServer, Reply, Seen, serving
 from tests.support.tiny import tiny_instance
 
 if TYPE_CHECKING:
-    from conftest import Mount, MountFactory, OrthancFactory
+    from tests.support.harness import Mount, MountFactory, OrthancFactory
 
 UPLOAD = ["--allow-upload"]
 JSON = [("Content-Type", "application/dicom+json")]
