@@ -15,9 +15,7 @@ Fixtures:
   torn down afterwards, even when the test failed, and its log is attached to the failure
   report.
 * ``mnt`` (function): one default mount of the session Orthanc.
-* ``link_factory`` (function): ``link_factory(url, delay=0.020, rate=25e6)`` starts a
-  :class:`~tests.support.netem.LinkProxy` (an emulated network link) in front of ``url``;
-  mount ``link.url()`` and read ``link.counters``. Every link is stopped after the test.
+* ``link_factory`` (tests/conftest.py): emulated network links in front of a server.
 
 FUSE is required: every test here fails (never skips) without a usable /dev/fuse or without
 fusermount3; tests/unit does not need them. Tests are never skipped for a missing tool: a
@@ -40,7 +38,6 @@ from tests.support import LocalOrthanc, OrthancError, SampleArchive, SampleFile
 from tests.support.harness import (
     MOUNT_TIMEOUT,
     REPO_ROOT,
-    LinkFactory,
     Mount,
     MountFactory,
     OrthancFactory,
@@ -48,7 +45,6 @@ from tests.support.harness import (
     _wait_for_mount,
     tiny_pacs_files,
 )
-from tests.support.netem import LinkProxy
 from tests.support.orthanc import find_orthanc
 from tests.support.tinypacs import LocalTinyPacs, TinyPacsError
 
@@ -238,26 +234,6 @@ def mount_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mo
 def mnt(mount_factory: MountFactory) -> Mount:
     """The session Orthanc mounted with default options."""
     return mount_factory()
-
-
-# --------------------------------------------------------------------------- emulated links
-
-
-@pytest.fixture
-def link_factory() -> Iterator[LinkFactory]:
-    """Start link-emulating proxies (one-way ``delay`` in seconds, ``rate`` in bytes/s per
-    connection, None for no cap) in front of a URL or ``host:port``; all stopped after the
-    test."""
-    links: list[LinkProxy] = []
-
-    def factory(target: str, *, delay: float = 0.0, rate: float | None = None) -> LinkProxy:
-        link = LinkProxy(target, delay=delay, rate=rate).start()
-        links.append(link)
-        return link
-
-    yield factory
-    for link in links:
-        link.stop()
 
 
 # --------------------------------------------------------------------------- failure reports

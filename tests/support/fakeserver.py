@@ -24,6 +24,7 @@ from typing import Any
 
 from dicomfs import dicomjson
 from dicomfs.client import ClientConfig, DicomwebClient
+from tests.support.sample import demo_uid
 
 
 @dataclass
@@ -245,3 +246,22 @@ def one_series_app(study: str, series: str, instances: Sequence[str] | bytes,
         return Reply(404) if reply is None else reply
 
     return app
+
+
+def stow_refusing(status: int, reason_code: int) -> tuple[FakeServer, list[Seen]]:
+    """A fake server with no studies that refuses every STOW-RS request."""
+    posts: list[Seen] = []
+
+    def app(seen: Seen) -> Reply:
+        if seen.method == "POST":
+            posts.append(seen)
+            sop = demo_uid("upload/conflict/1/1")
+            failed = {"00081198": {"vr": "SQ", "Value": [{
+                "00081155": {"vr": "UI", "Value": [sop]},
+                "00081197": {"vr": "US", "Value": [reason_code]}}]}}
+            return Reply(status, DICOM_JSON, json.dumps(failed).encode())
+        return Reply(200, DICOM_JSON, b"[]")
+
+    fake = FakeServer()
+    fake.app = app
+    return fake, posts
