@@ -5,7 +5,6 @@ queries remembered, and the --query mount scope, over fake servers and fake arch
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -13,9 +12,6 @@ from dicomfs import dicomjson, names
 from dicomfs.errors import BadRequest
 from dicomfs.tree import Kind, Tree
 from tests.support.fakeserver import WARNING_299, qido_pager, serving, study_item
-
-if TYPE_CHECKING:
-    pass
 
 
 class FakeStore:

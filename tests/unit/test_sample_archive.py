@@ -5,16 +5,11 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pydicom
 
 from tests.support import SampleArchive, build_archive, demo_uid
 from tests.support.sample import build_big_instance, sample_source
-
-if TYPE_CHECKING:
-    pass
-
 
 CT_SLICES = 400  # what the session archive fixture builds (tests/conftest.py)
 

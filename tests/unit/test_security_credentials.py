@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import pytest
 
 import dicomfs.auth
-import dicomfs.client
 from dicomfs.auth import CredentialError
-
-if TYPE_CHECKING:
-    pass
-
 
 PYTHON = sys.executable
 

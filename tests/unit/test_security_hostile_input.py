@@ -5,7 +5,7 @@ client shows they raise only their declared errors."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -13,7 +13,6 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dicomfs.auth
 import dicomfs.client
 from dicomfs import dicomjson, part10
 from dicomfs.client import ClientConfig, DicomwebClient
@@ -21,10 +20,6 @@ from dicomfs.errors import DicomfsError, IntegrityError, ProtocolError, ServerEr
 from dicomfs.uids import is_uid
 from tests.support.fakes import StreamingJsonServer
 from tests.support.tiny import make_dicom
-
-if TYPE_CHECKING:
-    pass
-
 
 ROOT = "1.2.826.0.1.3680043.10.4242"
 

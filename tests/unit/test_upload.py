@@ -6,7 +6,6 @@ from __future__ import annotations
 import email.parser
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,10 +15,6 @@ from dicomfs.errors import Conflict, ServerError
 from tests.support import demo_uid
 from tests.support.fakeserver import Reply, Seen, serving, stow_refusing
 from tests.support.tiny import upload_instance
-
-if TYPE_CHECKING:
-    pass
-
 
 JSON = [("Content-Type", "application/dicom+json")]
 
