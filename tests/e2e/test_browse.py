@@ -20,13 +20,11 @@ import pytest
 
 from dicomfs import dicomjson, names
 from dicomfs.client import ClientConfig, DicomwebClient
-from tests.support import LocalOrthanc, SampleArchive, SampleFile, demo_uid
+from tests.support import LocalOrthanc, SampleArchive, demo_uid
 from tests.support.tiny import tiny_instance
 
 if TYPE_CHECKING:
     from tests.support.harness import Mount, MountFactory, OrthancFactory
-
-INSTANCE_RETRIEVE = "/instances/"
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -41,14 +39,6 @@ def qido(orthanc: LocalOrthanc, query: str = "") -> list[dict[str, Any]]:
 
 def uids(found: Iterable[dict[str, Any]]) -> set[str]:
     return {ds[dicomjson.STUDY_UID]["Value"][0] for ds in found}
-
-
-def as_dataset(entry: SampleFile) -> dicomjson.Dataset:
-    """A manifest entry as the QIDO attributes names.py reads."""
-    def element(value: str) -> dict[str, Any]:
-        return {"vr": "LO", "Value": [value]} if value else {"vr": "LO"}
-    return {dicomjson.PATIENT_NAME: element(entry.patient_name),
-            dicomjson.PATIENT_ID: element(entry.patient_id)}
 
 
 def expected_patients(archive: SampleArchive) -> dict[tuple[str, str], set[str]]:
@@ -67,10 +57,6 @@ def walk_names(root: Path) -> list[str]:
         base = Path(folder).relative_to(root)
         found += [str(base / name) for name in dirs + files]
     return sorted(found)
-
-
-def instance_requests(requests: list[str]) -> list[str]:
-    return [r for r in requests if INSTANCE_RETRIEVE in r and not r.endswith("/instances")]
 
 
 # -- the readable trees ----------------------------------------------------------------------

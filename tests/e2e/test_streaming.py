@@ -7,7 +7,6 @@ count), what the reader got, what the cache kept; never how long anything took.
 from __future__ import annotations
 
 import errno
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,9 +133,6 @@ def test_a_transfer_cut_mid_file_gives_eio_and_caches_nothing(
                 f.read()
         assert caught.value.errno == errno.EIO
         assert cached(mount.cache_dir, url) == []
-
-
-INSTANCE_QIDO = re.compile(r"GET /dicom-web/studies/[0-9.]+/series/[0-9.]+/instances$")
 
 
 def test_opening_a_path_asks_two_round_trips_of_requests(
