@@ -11,8 +11,8 @@
   command prints.
 * :class:`StreamingJsonServer`: a raw server that streams an endless QIDO JSON array, to
   show that a client's size bound stops reading early.
-* :func:`serving`: runs the scripted ``FakeServer`` of ``test_client`` in a thread;
-  :func:`one_series_app` scripts it as a server of one study with one series.
+
+The scripted ``FakeServer`` of the unit tests is in :mod:`tests.support.fakeserver`.
 
 Every thread here is bounded (a fixed pool) and ends by itself: sockets have timeouts and
 every sleep waits on the stop event.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import random
 import re
@@ -31,33 +30,24 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dicomfs import dicomjson
-from tests.test_client import App, FakeServer, Reply, Seen
-
 __all__ = [
     "Answer",
     "Cut",
-    "FakeServer",
     "FaultPolicy",
     "Forward",
     "Proxy",
-    "Reply",
     "Request",
     "Reset",
-    "Seen",
     "Stall",
     "StreamingJsonServer",
     "TokenGate",
-    "element",
-    "one_series_app",
-    "serving",
     "wait_until",
 ]
 
@@ -583,54 +573,3 @@ class StreamingJsonServer:
             pass
         finally:
             self.finished.set()
-
-
-# =========================================================================== fake server
-
-
-@contextlib.contextmanager
-def serving(server: FakeServer | None = None) -> Iterator[FakeServer]:
-    """Run ``test_client``'s scripted FakeServer in a thread for the block's duration."""
-    server = server or FakeServer()
-    thread = threading.Thread(target=server.server.serve_forever,
-                              kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.server.shutdown()
-        server.server.server_close()
-        thread.join(5)
-
-
-def element(tag: str, value: Any, vr: str = "UI") -> dict[str, Any]:
-    """One DICOM JSON attribute with a single value."""
-    return {tag: {"vr": vr, "Value": [value]}}
-
-
-def one_series_app(study: str, series: str, instances: Sequence[str] | bytes,
-                   retrieve: Callable[[str], Reply | None] = lambda path: None) -> App:
-    """A FakeServer app holding one study with one series.
-
-    QIDO lists ``study``, its ``series`` and the series' ``instances`` (SOP Instance UIDs,
-    or the JSON body to answer as it is). Any other path, ``/dicom-web`` taken off, is
-    ``retrieve``'s to answer; where it gives None, the answer is 404.
-    """
-    json_type = [("Content-Type", "application/dicom+json")]
-    listing = instances if isinstance(instances, bytes) else json.dumps(
-        [element(dicomjson.SOP_UID, sop) for sop in instances]).encode()
-
-    def app(seen: Seen) -> Reply:
-        path = seen.path.removeprefix("/dicom-web")
-        if path == "/studies":
-            return Reply(200, json_type, json.dumps([element(dicomjson.STUDY_UID, study)])
-                         .encode())
-        if path == f"/studies/{study}/series":
-            return Reply(200, json_type, json.dumps([element(dicomjson.SERIES_UID, series)])
-                         .encode())
-        if path == f"/studies/{study}/series/{series}/instances":
-            return Reply(200, json_type, listing)
-        reply = retrieve(path)
-        return Reply(404) if reply is None else reply
-
-    return app

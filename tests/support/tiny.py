@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 
-from tests.support.sample import part10_dataset
+import pydicom
+
+from tests.support.sample import demo_uid, part10_dataset
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SIZE = 8
@@ -50,3 +52,34 @@ def tiny_instance(*, study_uid: str, series_uid: str, sop_uid: str, patient_name
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def make_dicom(study: str, series: str, sop: str) -> bytes:
+    """A small, valid Part 10 secondary-capture instance."""
+    ds = part10_dataset("1.2.840.10008.5.1.4.1.1.7", sop)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientName = "Hostile^Server"
+    ds.PatientID = "HOSTILE-1"
+    ds.Modality = "OT"
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(range(256))
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
+def upload_instance(name: str, series: int = 1, number: int = 1) -> tuple[str, str, str, bytes]:
+    """(study, series, SOP Instance UID, Part 10 bytes) of a new tiny instance."""
+    study = demo_uid(f"upload/{name}")
+    series_uid = demo_uid(f"upload/{name}/{series}")
+    sop = demo_uid(f"upload/{name}/{series}/{number}")
+    return study, series_uid, sop, tiny_instance(study_uid=study, series_uid=series_uid,
+                                                 sop_uid=sop, instance_number=number)

@@ -22,7 +22,7 @@ from tests.support import LocalOrthanc, SampleArchive, SampleFile
 from tests.support.fakes import Cut, FaultPolicy, Forward, Proxy, Request
 
 if TYPE_CHECKING:
-    from conftest import Mount, MountFactory
+    from tests.support.harness import Mount, MountFactory
 
 MOUNT_ARGS = ("--timeout", "2", "--retries", "5", "--deadline", "30")
 ROUNDS = 3  # each with a fresh mount and a fresh cache

@@ -20,12 +20,12 @@ import pytest
 
 from dicomfs import capabilities
 from dicomfs.store import server_folder_name
-from tests.conftest import check_listings_equal_qido, tiny_pacs_files
 from tests.support import SampleArchive, SampleFile
+from tests.support.harness import check_listings_equal_qido, tiny_pacs_files
 from tests.support.tinypacs import LocalTinyPacs
 
 if TYPE_CHECKING:
-    from conftest import Mount, MountFactory, TinyPacsFactory
+    from tests.support.harness import Mount, MountFactory, TinyPacsFactory
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 ROOT_WITHOUT_RENDERED = ["dates", "patients", "query", "studies"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LinkFactory, MountFactory
 from tests.support import LocalOrthanc, SampleArchive
+from tests.support.harness import LinkFactory, MountFactory
 from tests.support.sample import SampleFile
 
 INSTANCE = re.compile(r"GET /dicom-web/studies/[0-9.]+/series/[0-9.]+/instances/([0-9.]+)$")

@@ -21,7 +21,7 @@ from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import ServerError
 from dicomfs.fetch import FetchEngine, Priority
 from dicomfs.store import Key, Store
-from tests.support.fakes import Reply, one_series_app, serving
+from tests.support.fakeserver import Reply, one_series_app, serving
 from tests.support.tiny import tiny_instance
 
 STUDY, SERIES = "1.2.826.0.1.1", "1.2.826.0.1.1.1"

@@ -23,7 +23,7 @@ import pytest
 from tests.support.mounts import force_unmount, is_mounted
 
 if TYPE_CHECKING:
-    from conftest import OrthancFactory, TinyPacsFactory
+    from tests.support.harness import OrthancFactory, TinyPacsFactory
 
 USER = "reader"
 # How each case gives the secret: the command-line words (SECRET stands for it), whether it

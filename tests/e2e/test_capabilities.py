@@ -15,10 +15,10 @@ import pytest
 from dicomfs import capabilities
 from dicomfs.store import server_folder_name
 from tests.support import demo_uid
-from tests.support.fakes import Reply, one_series_app, serving
+from tests.support.fakeserver import Reply, one_series_app, serving
 
 if TYPE_CHECKING:
-    from conftest import MountFactory
+    from tests.support.harness import MountFactory
 
 STUDY, SERIES, SOP = (demo_uid(f"capabilities/{n}") for n in ("study", "series", "sop"))
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32

@@ -1,7 +1,8 @@
 """The link-emulating proxy (tests.support.netem): bytes, order, half-close and resets pass
 through; delay and rate are lower bounds on time (never upper bounds); counters are exact.
 
-Targets are small raw TCP servers in threads, plus one real Orthanc for the HTTP case.
+Targets are small raw TCP servers in threads; tests/e2e/test_netem.py adds a real Orthanc
+for the HTTP case.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 
-from tests.support import SampleArchive
+from tests.support.harness import REPO_ROOT
 
 if TYPE_CHECKING:
-    from conftest import LinkFactory, OrthancFactory
+    from tests.support.harness import LinkFactory
 
 Handler = Callable[[socket.socket], None]
-ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
 class Target:
@@ -245,36 +244,10 @@ def test_many_concurrent_connections(
     assert target.errors.empty()
 
 
-def test_orthanc_answers_through_a_link(
-    archive: SampleArchive, orthanc_factory: OrthancFactory, link_factory: LinkFactory,
-) -> None:
-    """Orthanc ends a series retrieve by closing the connection (no length, no chunks): the
-    answer is whole only if the close crosses the link. Instance retrieves keep it alive."""
-    files = archive.series_files(archive.series_uid("ct"))[:4]
-    server = orthanc_factory()
-    server.upload([archive.path(f) for f in files])
-    link = link_factory(server.url, delay=0.005, rate=50e6)
-    series = f"/studies/{files[0].study_uid}/series/{files[0].series_uid}"
-    headers = {"Accept": ACCEPT, "Accept-Encoding": "identity"}
-    with httpx.Client(base_url=link.url("/dicom-web"), timeout=60) as client:
-        answer = client.get(series, headers=headers)
-        assert answer.status_code == 200
-        assert answer.headers["connection"] == "close"
-        assert all(archive.read(f) in answer.content for f in files)
-        for f in files:
-            answer = client.get(f"{series}/instances/{f.sop_uid}", headers=headers)
-            assert answer.status_code == 200
-            assert archive.read(f) in answer.content
-    assert link.counters.request_lines == [f"GET /dicom-web{series} HTTP/1.1"] + [
-        f"GET /dicom-web{series}/instances/{f.sop_uid} HTTP/1.1" for f in files]
-    assert link.connections == 2
-    assert link.bytes_down > 2 * sum(f.size for f in files)
-
-
 def test_command_line(targets: Callable[[Handler], Target], tmp_path: Path) -> None:
     """``python -m tests.support.netem`` prints its URL, forwards, and sums up on SIGTERM."""
     target = targets(echo)
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.netem", "--target", target.address,
          "--delay-ms", "5", "--rate", "20M"],

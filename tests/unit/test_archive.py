@@ -1,23 +1,18 @@
-"""The read-through cache's own promises: shared answers, listings, cache-folder failures."""
+"""The read-through cache's own promises against a scripted server: shared answers, listings."""
 
 from __future__ import annotations
 
-import errno
 import json
-import shutil
 import time
 from pathlib import Path
 
-import pytest
 import trio
 
 from dicomfs import dicomjson
 from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.store import Store, server_folder_name
-from tests.conftest import MountFactory
-from tests.support import SampleArchive
-from tests.support.fakes import Reply, Seen, element, serving
+from dicomfs.store import Store
+from tests.support.fakeserver import Reply, Seen, element, serving
 
 STUDY = "1.2.826.0.1.9"
 
@@ -61,17 +56,3 @@ async def test_a_listing_is_never_empty_because_its_ttl_ran_out(tmp_path: Path) 
     assert [dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in found] == [STUDY]
 
 
-def test_a_cache_folder_removed_under_a_live_mount_gives_eio(
-        mount_factory: MountFactory, archive: SampleArchive) -> None:
-    """``rm -rf`` of the cache folder (or ``dicomfs cache clear``) while mounted: an
-    uncached file then fails with EIO (the file exists, the cache failed), never with
-    ENOENT, which the kernel would remember as "no such file"."""
-    entry = archive.series_files(archive.series_uid("mr"))[3]
-    mount = mount_factory()
-    path = mount.path / "studies" / entry.study_uid / entry.series_uid / f"{entry.sop_uid}.dcm"
-    assert path.stat().st_size > 0  # the name is known
-    shutil.rmtree(mount.cache_dir / server_folder_name(mount.url))
-    with pytest.raises(OSError) as caught:
-        path.read_bytes()
-    assert caught.value.errno == errno.EIO
-    assert mount.proc.poll() is None

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,18 +20,11 @@ import pytest
 
 from dicomfs import dicomjson, names
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.errors import BadRequest
-from dicomfs.listings import Arriving
-from dicomfs.tree import Kind, Tree
-from tests.support import LocalOrthanc, SampleArchive, SampleFile, demo_uid
-from tests.support.fakes import serving
+from tests.support import LocalOrthanc, SampleArchive, demo_uid
 from tests.support.tiny import tiny_instance
-from tests.test_client import WARNING_299, qido_pager, study_item
 
 if TYPE_CHECKING:
-    from conftest import Mount, MountFactory, OrthancFactory
-
-INSTANCE_RETRIEVE = "/instances/"
+    from tests.support.harness import Mount, MountFactory, OrthancFactory
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -46,14 +39,6 @@ def qido(orthanc: LocalOrthanc, query: str = "") -> list[dict[str, Any]]:
 
 def uids(found: Iterable[dict[str, Any]]) -> set[str]:
     return {ds[dicomjson.STUDY_UID]["Value"][0] for ds in found}
-
-
-def as_dataset(entry: SampleFile) -> dicomjson.Dataset:
-    """A manifest entry as the QIDO attributes names.py reads."""
-    def element(value: str) -> dict[str, Any]:
-        return {"vr": "LO", "Value": [value]} if value else {"vr": "LO"}
-    return {dicomjson.PATIENT_NAME: element(entry.patient_name),
-            dicomjson.PATIENT_ID: element(entry.patient_id)}
 
 
 def expected_patients(archive: SampleArchive) -> dict[tuple[str, str], set[str]]:
@@ -72,10 +57,6 @@ def walk_names(root: Path) -> list[str]:
         base = Path(folder).relative_to(root)
         found += [str(base / name) for name in dirs + files]
     return sorted(found)
-
-
-def instance_requests(requests: list[str]) -> list[str]:
-    return [r for r in requests if INSTANCE_RETRIEVE in r and not r.endswith("/instances")]
 
 
 # -- the readable trees ----------------------------------------------------------------------
@@ -387,89 +368,3 @@ async def test_concurrent_pages_find_every_study_once(orthanc: LocalOrthanc) -> 
     offsets = sorted(int(r.url.params["offset"]) for r in sent)
     assert offsets[:len(expected) // 5 + 1] == list(range(0, len(expected) + 1, 5))
     assert len(offsets) <= len(expected) // 5 + 4  # at most 3 pages past the end
-
-
-@pytest.mark.parametrize("concurrency", [1, 3])
-async def test_concurrent_pages_on_a_capping_server(concurrency: int) -> None:
-    """A server that caps pages (with a Warning) puts the walk back on one page at a time."""
-    items = [study_item(f"1.2.{i}") for i in range(23)]
-    with serving() as fake:
-        fake.app = qido_pager(items, cap=4, warn=WARNING_299)
-        async with fake.client(page_size=10, page_concurrency=concurrency) as client:
-            found = await client.search_studies()
-    assert [dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in found] == [
-        f"1.2.{i}" for i in range(23)]
-
-
-# -- the tree's own bookkeeping, without a mount --------------------------------------------
-
-
-class FakeStore:
-    def size(self, key: object) -> int | None:
-        return None
-
-
-class FakeArchive:
-    """The part of SampleArchive that study listings use, counting what reaches the server."""
-
-    def __init__(self, studies: list[dicomjson.Dataset]) -> None:
-        self.all = studies
-        self.store = FakeStore()
-        self.asked: list[dict[str, str]] = []
-
-    async def studies(self, query: Mapping[str, str]) -> list[dicomjson.Dataset]:
-        self.asked.append(dict(query))
-        if "fuzzymatching" in query:
-            raise BadRequest("HTTP 400: not a proper value", status=400)
-        return [ds for ds in self.all
-                if all(dicomjson.text(ds, dicomjson.PATIENT_ID) == v
-                       for k, v in query.items() if k == "PatientID")]
-
-    async def few_studies(self, query: Mapping[str, str]) -> list[dicomjson.Dataset] | None:
-        return await self.studies(query)
-
-    async def follow_studies(self, query: Mapping[str, str]) -> Arriving:
-        return Arriving(await self.studies(query))
-
-    def list_ahead(self, study: str, series: str | None = None) -> None:
-        """Listing ahead asks nothing of its own here: only what the tree asks counts."""
-
-
-def fake_study(uid: str, patient_id: str) -> dicomjson.Dataset:
-    return {dicomjson.STUDY_UID: {"vr": "UI", "Value": [uid]},
-            dicomjson.PATIENT_ID: {"vr": "LO", "Value": [patient_id]}}
-
-
-async def test_refused_queries_are_remembered() -> None:
-    archive = FakeArchive([fake_study("1.1", "A"), fake_study("1.2", "B")])
-    tree = Tree(archive)  # type: ignore[arg-type]
-    queries = await tree.lookup(1, "query")
-    for _ in range(3):
-        for name in ("Foo=bar", "fuzzymatching=maybe", "PatientID"):
-            with pytest.raises(FileNotFoundError):
-                await tree.lookup(queries.inode, name)
-    assert archive.asked == [{"fuzzymatching": "maybe"}]
-    found = await tree.lookup(queries.inode, "00100020=A")
-    assert found.kind is Kind.FOLDER and found.group == "00100020=A"
-    assert [child.name for child in await tree.children(found.inode)] == ["1.1"]
-
-
-async def test_scope_reaches_every_study_listing() -> None:
-    archive = FakeArchive([fake_study("1.1", "A"), fake_study("1.2", "B")])
-    tree = Tree(archive, scope={"00100020": "A"})  # type: ignore[arg-type]
-    assert tree.scope.query == {"PatientID": "A"}
-    studies = await tree.lookup(1, "studies")
-    assert [child.name for child in await tree.children(studies.inode)] == ["1.1"]
-    patients = await tree.lookup(1, "patients")
-    assert [child.name for child in await tree.children(patients.inode)] == [
-        "(no name) (A)"]
-    queries = await tree.lookup(1, "query")
-    other = await tree.lookup(queries.inode, "PatientID=B")  # the scope says A
-    assert await tree.children(other.inode) == []
-    assert {"PatientID": "B"} in archive.asked
-    assert all(asked.get("PatientID") in ("A", "B") for asked in archive.asked)
-
-
-def test_an_invalid_scope_is_refused() -> None:
-    with pytest.raises(names.InvalidQuery):
-        Tree(FakeArchive([]), scope={"NoSuchKeyword": "1"})  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ count), what the reader got, what the cache kept; never how long anything took.
 from __future__ import annotations
 
 import errno
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomfs.store import server_folder_name
-from tests.conftest import LinkFactory, MountFactory
 from tests.support import LocalOrthanc, SampleArchive, demo_uid
 from tests.support.fakes import Cut, Forward, Proxy, Request, wait_until
+from tests.support.harness import LinkFactory, MountFactory
 
 MiB = 1024 * 1024
 FRAMES = 160  # 160 frames of 512 x 512 x 2 bytes: an 84 MB multi-frame instance
@@ -134,9 +133,6 @@ def test_a_transfer_cut_mid_file_gives_eio_and_caches_nothing(
                 f.read()
         assert caught.value.errno == errno.EIO
         assert cached(mount.cache_dir, url) == []
-
-
-INSTANCE_QIDO = re.compile(r"GET /dicom-web/studies/[0-9.]+/series/[0-9.]+/instances$")
 
 
 def test_opening_a_path_asks_two_round_trips_of_requests(
