@@ -504,15 +504,15 @@ def run_prefetch(args: argparse.Namespace) -> int:
     from dicomfs import capabilities
     from dicomfs.archive import Archive
     from dicomfs.client import DicomwebClient
-    from dicomfs.errors import DicomfsError
+    from dicomfs.errors import CacheError, DicomfsError
     from dicomfs.prefetch import prefetch
     from dicomfs.store import Store
 
     setup_logging(args.log_level, None, args.log_format)
     try:
         store = Store.for_server(args.cache_dir, args.url, max_bytes=args.cache_size)
-    except OSError as exc:
-        print(f"dicomfs: cannot use the cache folder {args.cache_dir}: {exc}", file=sys.stderr)
+    except CacheError as exc:
+        print(f"dicomfs: {exc}", file=sys.stderr)
         return 1
     config = client_config(args, gather_secrets(args))
 
