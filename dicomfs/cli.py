@@ -339,6 +339,7 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
     """
     if not argv or argv[0] in COMMANDS:
         return argv
+    own = fstab_options()
     result = ["mount"]
     words = iter(argv)
     for word in words:
@@ -350,7 +351,7 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
             name, _, value = option.partition("=")
             if name in IGNORED_MOUNT_OPTIONS or not name:
                 continue
-            if name.replace("_", "-") in OWN_OPTIONS:
+            if name.replace("_", "-") in own:
                 result += [f"--{name.replace('_', '-')}"] + ([value] if value else [])
             else:
                 fuse.append(option)
@@ -359,13 +360,19 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
     return result
 
 
-OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file", "timeout",
-               "connect-timeout", "deadline", "retries", "max-connections", "page-size",
-               "page-concurrency",
-               "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid",
-               "token-file", "token-command", "token-lifetime", "user", "password-file",
-               "ca-bundle", "client-cert", "client-key", "query", "log-format",
-               "metrics-address", "allow-upload", "upload-max-size"}
+# ``dicomfs mount`` options an fstab line may not carry: the helper must detach for mount(8),
+# and an fstab line is readable by every user, so secrets stay off it.
+NOT_FSTAB_OPTIONS = {"--foreground", "--help", *SECRET_OPTIONS}
+
+
+def fstab_options() -> set[str]:
+    """The ``dicomfs mount`` options ``-o`` may give (without their dashes), read off the
+    parser so that a new option is taken from fstab too; hidden ones are internal."""
+    commands = next(action for action in build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    return {option.removeprefix("--") for action in commands.choices["mount"]._actions
+            if action.help != argparse.SUPPRESS for option in action.option_strings
+            if option.startswith("--") and option not in NOT_FSTAB_OPTIONS}
 
 
 class JsonFormatter(logging.Formatter):
