@@ -303,10 +303,13 @@ class Store:
         self.commit(self._written(data), key)
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
+        """A file beside the entries (a listing, a note, the server's name), written the
+        way :meth:`put_bytes` writes an entry, but not counted against the bound."""
         with _cache_errors():
             self._written(data).move_to(path)
 
     def _written(self, data: bytes) -> Writer:
+        """``data`` in a new temporary file, to be renamed into place; dropped on failure."""
         writer = self.writer()
         try:
             with _cache_errors():
