@@ -203,30 +203,29 @@ def _log_options(parser: argparse.ArgumentParser, *, default_level: str) -> None
 def _client_options(parser: argparse.ArgumentParser) -> None:
     """How to talk to the server: shared by every command that does."""
     parser.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
-                       help="longest wait for the next bytes of an answer (default 30)")
+                        help="longest wait for the next bytes of an answer (default 30)")
     parser.add_argument("--connect-timeout", type=positive(float), default=10.0,
-                       metavar="SECONDS", help="longest wait for a connection (default 10)")
+                        metavar="SECONDS", help="longest wait for a connection (default 10)")
     parser.add_argument("--deadline", type=positive(float), default=120.0, metavar="SECONDS",
-                       help="longest a single file fetch may take, retries included "
-                       "(default 120)")
+                        help="longest a single file fetch may take, retries included "
+                        "(default 120)")
     parser.add_argument("--retries", type=int, default=3, metavar="N",
-                       help="retries of a failed request (default 3)")
+                        help="retries of a failed request (default 3)")
     parser.add_argument("--max-connections", type=positive(int), default=16, metavar="N",
-                       help="most connections to the server at once (default 16)")
+                        help="most connections to the server at once (default 16)")
     parser.add_argument("--page-size", type=positive(int), default=1000, metavar="N",
                         help="QIDO page size (limit) (default 1000)")
     parser.add_argument("--page-concurrency", type=positive(int), default=1, metavar="N",
                         help="QIDO pages asked at once in long listings (default 1; helps "
                         "servers with small page caps, slows Orthanc)")
     parser.add_argument("--qido-url", type=url, metavar="URL",
-                       help="QIDO-RS root, when it differs from URL")
+                        help="QIDO-RS root, when it differs from URL")
     parser.add_argument("--wado-url", type=url, metavar="URL",
-                       help="WADO-RS root, when it differs from URL")
+                        help="WADO-RS root, when it differs from URL")
     parser.add_argument("--single-part", action="store_true",
-                       help="ask for instances as single-part application/dicom")
+                        help="ask for instances as single-part application/dicom")
     parser.add_argument("--transfer-syntax", default="*", metavar="UID",
-                       help="transfer syntax to ask for (default *: as stored)")
-
+                        help="transfer syntax to ask for (default *: as stored)")
 
     credentials = parser.add_argument_group(
         "authentication", "Pick one of the first four. Secrets given here are handed to the "
