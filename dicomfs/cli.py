@@ -203,30 +203,29 @@ def _log_options(parser: argparse.ArgumentParser, *, default_level: str) -> None
 def _client_options(parser: argparse.ArgumentParser) -> None:
     """How to talk to the server: shared by every command that does."""
     parser.add_argument("--timeout", type=positive(float), default=30.0, metavar="SECONDS",
-                       help="longest wait for the next bytes of an answer (default 30)")
+                        help="longest wait for the next bytes of an answer (default 30)")
     parser.add_argument("--connect-timeout", type=positive(float), default=10.0,
-                       metavar="SECONDS", help="longest wait for a connection (default 10)")
+                        metavar="SECONDS", help="longest wait for a connection (default 10)")
     parser.add_argument("--deadline", type=positive(float), default=120.0, metavar="SECONDS",
-                       help="longest a single file fetch may take, retries included "
-                       "(default 120)")
+                        help="longest a single file fetch may take, retries included "
+                        "(default 120)")
     parser.add_argument("--retries", type=int, default=3, metavar="N",
-                       help="retries of a failed request (default 3)")
+                        help="retries of a failed request (default 3)")
     parser.add_argument("--max-connections", type=positive(int), default=16, metavar="N",
-                       help="most connections to the server at once (default 16)")
+                        help="most connections to the server at once (default 16)")
     parser.add_argument("--page-size", type=positive(int), default=1000, metavar="N",
                         help="QIDO page size (limit) (default 1000)")
     parser.add_argument("--page-concurrency", type=positive(int), default=1, metavar="N",
                         help="QIDO pages asked at once in long listings (default 1; helps "
                         "servers with small page caps, slows Orthanc)")
     parser.add_argument("--qido-url", type=url, metavar="URL",
-                       help="QIDO-RS root, when it differs from URL")
+                        help="QIDO-RS root, when it differs from URL")
     parser.add_argument("--wado-url", type=url, metavar="URL",
-                       help="WADO-RS root, when it differs from URL")
+                        help="WADO-RS root, when it differs from URL")
     parser.add_argument("--single-part", action="store_true",
-                       help="ask for instances as single-part application/dicom")
+                        help="ask for instances as single-part application/dicom")
     parser.add_argument("--transfer-syntax", default="*", metavar="UID",
-                       help="transfer syntax to ask for (default *: as stored)")
-
+                        help="transfer syntax to ask for (default *: as stored)")
 
     credentials = parser.add_argument_group(
         "authentication", "Pick one of the first four. Secrets given here are handed to the "
@@ -339,6 +338,7 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
     """
     if not argv or argv[0] in COMMANDS:
         return argv
+    own = fstab_options()
     result = ["mount"]
     words = iter(argv)
     for word in words:
@@ -350,7 +350,7 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
             name, _, value = option.partition("=")
             if name in IGNORED_MOUNT_OPTIONS or not name:
                 continue
-            if name.replace("_", "-") in OWN_OPTIONS:
+            if name.replace("_", "-") in own:
                 result += [f"--{name.replace('_', '-')}"] + ([value] if value else [])
             else:
                 fuse.append(option)
@@ -359,13 +359,19 @@ def fuse_helper_argv(argv: list[str]) -> list[str]:
     return result
 
 
-OWN_OPTIONS = {"cache-dir", "cache-size", "listing-ttl", "log-level", "log-file", "timeout",
-               "connect-timeout", "deadline", "retries", "max-connections", "page-size",
-               "page-concurrency",
-               "qido-url", "wado-url", "single-part", "transfer-syntax", "uid", "gid",
-               "token-file", "token-command", "token-lifetime", "user", "password-file",
-               "ca-bundle", "client-cert", "client-key", "query", "log-format",
-               "metrics-address", "allow-upload", "upload-max-size"}
+# ``dicomfs mount`` options an fstab line may not carry: the helper must detach for mount(8),
+# and an fstab line is readable by every user, so secrets stay off it.
+NOT_FSTAB_OPTIONS = {"--foreground", "--help", *SECRET_OPTIONS}
+
+
+def fstab_options() -> set[str]:
+    """The ``dicomfs mount`` options ``-o`` may give (without their dashes), read off the
+    parser so that a new option is taken from fstab too; hidden ones are internal."""
+    commands = next(action for action in build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    return {option.removeprefix("--") for action in commands.choices["mount"]._actions
+            if action.help != argparse.SUPPRESS for option in action.option_strings
+            if option.startswith("--") and option not in NOT_FSTAB_OPTIONS}
 
 
 class JsonFormatter(logging.Formatter):
@@ -504,15 +510,15 @@ def run_prefetch(args: argparse.Namespace) -> int:
     from dicomfs import capabilities
     from dicomfs.archive import Archive
     from dicomfs.client import DicomwebClient
-    from dicomfs.errors import DicomfsError
+    from dicomfs.errors import CacheError, DicomfsError
     from dicomfs.prefetch import prefetch
     from dicomfs.store import Store
 
     setup_logging(args.log_level, None, args.log_format)
     try:
         store = Store.for_server(args.cache_dir, args.url, max_bytes=args.cache_size)
-    except OSError as exc:
-        print(f"dicomfs: cannot use the cache folder {args.cache_dir}: {exc}", file=sys.stderr)
+    except CacheError as exc:
+        print(f"dicomfs: {exc}", file=sys.stderr)
         return 1
     config = client_config(args, gather_secrets(args))
 

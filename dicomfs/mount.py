@@ -28,7 +28,7 @@ import trio
 from dicomfs import capabilities, metrics, status
 from dicomfs.archive import Archive
 from dicomfs.client import ClientConfig, DicomwebClient
-from dicomfs.errors import DicomfsError, Unauthorized
+from dicomfs.errors import CacheError, DicomfsError, Unauthorized
 from dicomfs.fs import DicomFS
 from dicomfs.store import GiB, Store
 from dicomfs.tree import Tree
@@ -71,17 +71,13 @@ def fsname(url: str) -> str:
     return f"dicomfs:{host}" + (f":{parts.port}" if parts.port else "")
 
 
-def open_store(options: MountOptions) -> Store:
-    try:
-        return Store.for_server(options.cache_dir, options.client.base_url,
-                                max_bytes=options.cache_size)
-    except OSError as exc:
-        raise MountError(f"cannot use the cache folder {options.cache_dir}: {exc}") from None
-
-
 async def serve(options: MountOptions, *, ready: Callable[[], None] | None = None) -> None:
     """Mount, serve until unmounted or signalled, then unmount. Raises MountError."""
-    store = open_store(options)
+    try:
+        store = Store.for_server(options.cache_dir, options.client.base_url,
+                                 max_bytes=options.cache_size)
+    except CacheError as exc:
+        raise MountError(str(exc)) from None
     async with DicomwebClient(options.client) as client:
         await _check_server(client, store)
         offers = await capabilities.learn(client, store)

@@ -193,13 +193,20 @@ class Store:
 
     @classmethod
     def for_server(cls, cache_root: Path, url: str, **kwargs: int) -> Store:
-        """The store of ``url`` below ``cache_root``, recording which server it is."""
-        make_private_dir(cache_root)
-        folder = cache_root / server_folder_name(url)
-        store = cls(folder, **kwargs)
-        marker = folder / "server.json"
-        if not marker.exists():
-            store._write_atomic(marker, json.dumps({"url": url}).encode())
+        """The store of ``url`` below ``cache_root``, recording which server it is.
+
+        The one way a command opens its cache: a folder it cannot use raises
+        CacheError naming the folder, for the command to tell a person.
+        """
+        try:
+            make_private_dir(cache_root)
+            folder = cache_root / server_folder_name(url)
+            store = cls(folder, **kwargs)
+            marker = folder / "server.json"
+            if not marker.exists():
+                store._write_atomic(marker, json.dumps({"url": url}).encode())
+        except (OSError, CacheError) as exc:
+            raise CacheError(f"cannot use the cache folder {cache_root}: {exc}") from None
         return store
 
     # -- start-up -----------------------------------------------------------------
@@ -300,10 +307,13 @@ class Store:
         self.commit(self._written(data), key)
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
+        """A file beside the entries (a listing, a note, the server's name), written the
+        way :meth:`put_bytes` writes an entry, but not counted against the bound."""
         with _cache_errors():
             self._written(data).move_to(path)
 
     def _written(self, data: bytes) -> Writer:
+        """``data`` in a new temporary file, to be renamed into place; dropped on failure."""
         writer = self.writer()
         try:
             with _cache_errors():

@@ -116,6 +116,13 @@ class Uploads:
             raise NotADirectoryError(folder.name)
         return children
 
+    def _existing(self, folder: Node, name: str) -> _Entry:
+        """The entry ``name`` of ``folder``, to remove or rename: it must be there."""
+        entry = self._children_of(folder).get(name)
+        if entry is None:
+            raise FileNotFoundError(name)
+        return entry
+
     def _add(self, folder: Node, name: str, kind: Kind) -> _Entry:
         """A new entry ``name`` in ``folder``, replacing a lingering one of that name."""
         if not name or "/" in name or name in (".", ".."):
@@ -143,17 +150,13 @@ class Uploads:
         return entry.node
 
     def unlink(self, folder: Node, name: str) -> None:
-        entry = self._children_of(folder).get(name)
-        if entry is None:
-            raise FileNotFoundError(name)
+        entry = self._existing(folder, name)
         if entry.children is not None:
             raise IsADirectoryError(name)
         self._detach(entry)
 
     def rmdir(self, folder: Node, name: str) -> None:
-        entry = self._children_of(folder).get(name)
-        if entry is None:
-            raise FileNotFoundError(name)
+        entry = self._existing(folder, name)
         if entry.children is None:
             raise NotADirectoryError(name)
         if any(child.visible() for child in entry.children.values()):
@@ -162,9 +165,7 @@ class Uploads:
 
     def rename(self, old_folder: Node, old_name: str, new_folder: Node, new_name: str,
                *, replace: bool = True) -> None:
-        source = self._children_of(old_folder).get(old_name)
-        if source is None:
-            raise FileNotFoundError(old_name)
+        source = self._existing(old_folder, old_name)
         if not source.visible():  # rsync renaming the temporary file it just closed
             self._detach(source)
             return
