@@ -31,8 +31,9 @@ async def test_a_waiter_outlives_a_cancelled_owner(tmp_path: Path) -> None:
     with serving() as server:
         server.app = studies_app(delay=0.3)
         config = ClientConfig(base_url=server.url, retries=0)
-        async with DicomwebClient(config) as client:
+        async with DicomwebClient(config) as client, trio.open_nursery() as running:
             archive = Archive(client, Store(tmp_path / "cache"))
+            await running.start(archive.run)
             got: list[list[dicomjson.Dataset]] = []
 
             async def waiter() -> None:
@@ -42,6 +43,7 @@ async def test_a_waiter_outlives_a_cancelled_owner(tmp_path: Path) -> None:
                 nursery.start_soon(waiter)  # runs once the owner below waits for its answer
                 with trio.move_on_after(0.1):
                     await archive.studies()
+            running.cancel_scope.cancel()
     assert [dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in got[0]] == [STUDY]
 
 
@@ -50,9 +52,12 @@ async def test_a_listing_is_never_empty_because_its_ttl_ran_out(tmp_path: Path) 
     cache entry it was kept in has already expired when it is handed out)."""
     with serving() as server:
         server.app = studies_app()
-        async with DicomwebClient(ClientConfig(base_url=server.url, retries=0)) as client:
+        async with DicomwebClient(ClientConfig(base_url=server.url, retries=0)) as client, \
+                trio.open_nursery() as running:
             archive = Archive(client, Store(tmp_path / "cache"), listing_ttl=1e-9)
+            await running.start(archive.run)
             found = await archive.studies()
+            running.cancel_scope.cancel()
     assert [dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in found] == [STUDY]
 
 
