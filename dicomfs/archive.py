@@ -25,7 +25,7 @@ from dicomfs.fetch import FetchEngine, Priority
 from dicomfs.flight import Flights, ServerHealth
 from dicomfs.listings import OFFLINE_ERRORS, Listings
 from dicomfs.readahead import Readahead
-from dicomfs.store import Blob, Key, OpenFile, Store, Writer
+from dicomfs.store import CachedFile, Key, OpenFile, Store, Writer
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Archive(Listings):
 
     # -- metadata (WADO-RS) ---------------------------------------------------------
 
-    async def metadata(self, study: str, series: str | None = None) -> Blob:
+    async def metadata(self, study: str, series: str | None = None) -> CachedFile:
         """Study or series metadata as the server sent it, fetched again when stale.
 
         A study still receiving instances changes its metadata: when QIDO's instance
@@ -80,17 +80,17 @@ class Archive(Listings):
         describes, it is refetched.
         """
         key = Key(study, series)
-        blob = self.store.open(key)
-        expected = await self._instance_count(study, series) if blob is not None else None
-        if blob is not None and expected is not None and \
-                await self._cached_count(key, blob) != expected:
+        opened = self.store.open(key)
+        expected = await self._instance_count(study, series) if opened is not None else None
+        if opened is not None and expected is not None and \
+                await self._cached_count(key, opened) != expected:
             log.info("metadata of %s is stale (instance count changed); fetching again",
                      series or study)
-            blob.close()
-            blob = None
-        metrics.cache_open("metadata", blob is not None)
-        if blob is not None:
-            return blob
+            opened.close()
+            opened = None
+        metrics.cache_open("metadata", opened is not None)
+        if opened is not None:
+            return opened
         try:
             await self.flights.once(key, lambda: self._fetch_metadata(key))
         except OFFLINE_ERRORS as exc:
@@ -112,9 +112,9 @@ class Archive(Listings):
             return None
         return dicomjson.integer(found, tag) if found else None
 
-    async def _cached_count(self, key: Key, blob: Blob) -> int:
+    async def _cached_count(self, key: Key, opened: CachedFile) -> int:
         if key not in self._metadata_counts:
-            raw = await trio.to_thread.run_sync(_read_all, blob)
+            raw = await trio.to_thread.run_sync(_read_all, opened)
             self._metadata_counts[key] = await trio.to_thread.run_sync(count_instances, raw)
         return self._metadata_counts[key]
 
@@ -139,20 +139,20 @@ class Archive(Listings):
         key = Key(study, series, instance, "dcm")
         if self.readahead is not None:
             self.readahead.opened(key)
-        blob = self.store.open(key)
-        metrics.cache_open("instance", blob is not None)
-        if blob is not None:
-            return blob
+        opened = self.store.open(key)
+        metrics.cache_open("instance", opened is not None)
+        if opened is not None:
+            return opened
         arriving = await self.engine.open(key)
         return arriving if arriving is not None else await self._open_stored(key)
 
-    async def rendered(self, study: str, series: str, instance: str, fmt: str) -> Blob:
+    async def rendered(self, study: str, series: str, instance: str, fmt: str) -> CachedFile:
         """A rendered PNG or JPEG of the instance, cached like any other entry."""
         key = Key(study, series, instance, fmt)
-        blob = self.store.open(key)
-        metrics.cache_open("rendered", blob is not None)
-        if blob is not None:
-            return blob
+        opened = self.store.open(key)
+        metrics.cache_open("rendered", opened is not None)
+        if opened is not None:
+            return opened
         await self.flights.once(key, lambda: self._fetch_rendered(key))
         return await self._open_stored(key)
 
@@ -209,14 +209,14 @@ class Archive(Listings):
 
     # -- plumbing ---------------------------------------------------------------------
 
-    async def _open_stored(self, key: Key) -> Blob:
-        blob = self.store.open(key)
-        if blob is None:  # evicted between storing and opening, e.g. by another mount
+    async def _open_stored(self, key: Key) -> CachedFile:
+        opened = self.store.open(key)
+        if opened is None:  # evicted between storing and opening, e.g. by another mount
             await self.flights.once(key, lambda: self._fetch_again(key))
-            blob = self.store.open(key)
-        if blob is None:
+            opened = self.store.open(key)
+        if opened is None:
             raise DicomfsError(f"{key.relpath()} vanished from the cache right after it was stored")
-        return blob
+        return opened
 
     async def _fetch_again(self, key: Key) -> None:
         if key.kind == "dcm":
@@ -241,5 +241,5 @@ class Archive(Listings):
         return os.statvfs(self.store.folder)
 
 
-def _read_all(blob: Blob) -> bytes:
-    return os.pread(blob.fd, blob.size, 0)
+def _read_all(opened: CachedFile) -> bytes:
+    return os.pread(opened.fd, opened.size, 0)

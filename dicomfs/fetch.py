@@ -58,7 +58,7 @@ from dicomfs.errors import (
 )
 from dicomfs.flight import ServerHealth
 from dicomfs.multipart import PartData, PartEnd, PartStart
-from dicomfs.store import Blob, Key, Store, Writer
+from dicomfs.store import CachedFile, Key, Store, Writer
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class Transfer:
     size: int | None = None  # the part's declared length, once its headers are in
     written: int = 0
     fd: int = -1  # reads the temporary file being written
-    readers: int = 0  # streaming readers (StreamingBlob) still open
-    pinned: Blob | None = None  # the cache entry, kept from eviction for those readers
+    readers: int = 0  # streaming readers (ArrivingFile) still open
+    pinned: CachedFile | None = None  # the cache entry, kept from eviction for those readers
     progress: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -196,12 +196,12 @@ class FetchEngine:
         """Bring ``key`` into the cache, or join the transfer already bringing it."""
         await self._join(key, priority, streaming=False)
 
-    async def open(self, key: Key) -> StreamingBlob | None:
+    async def open(self, key: Key) -> ArrivingFile | None:
         """For a program opening ``key``: a file readable while it arrives, as soon as
         the server has said how long it is; None once it is in the cache instead (it
         arrived whole first, or the server gave no length)."""
         transfer = await self._join(key, Priority.READER, streaming=True)
-        return StreamingBlob(self, transfer) if not transfer.done.is_set() else None
+        return ArrivingFile(self, transfer) if not transfer.done.is_set() else None
 
     async def _join(self, key: Key, priority: Priority, *, streaming: bool) -> Transfer:
         """Wait for ``key`` to arrive, or (``streaming``) to start arriving with a length."""
@@ -453,7 +453,7 @@ class FetchEngine:
         return int(value)
 
 
-class StreamingBlob:
+class ArrivingFile:
     """An instance open while it arrives: a read waits for the bytes it asks for, and
     fails (EIO) at the first byte a broken transfer did not bring. Nothing here is
     cached until the whole file has passed its checks (see :class:`FetchEngine`)."""

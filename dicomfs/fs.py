@@ -114,14 +114,14 @@ async def _read_only(*_args: Any, **_kwargs: Any) -> Any:
     raise pyfuse3.FUSEError(errno.EROFS)
 
 
-async def _read(blob: OpenFile, size: int, off: int) -> bytes:
+async def _read(held: OpenFile, size: int, off: int) -> bytes:
     """Answer a READ; at debug level say from which cache file ("(deleted)": evicted),
     or that the file is still arriving."""
     if log.isEnabledFor(logging.DEBUG):
-        source = (os.readlink(f"/proc/self/fd/{blob.fd}") if blob.fd >= 0
+        source = (os.readlink(f"/proc/self/fd/{held.fd}") if held.fd >= 0
                   else "the transfer under way")
         log.debug("READ %d bytes at %d from %s", size, off, source)
-    return await blob.read(off, size)
+    return await held.read(off, size)
 
 
 class DicomFS(pyfuse3.Operations):
@@ -136,7 +136,7 @@ class DicomFS(pyfuse3.Operations):
         self.gid = os.getgid() if gid is None else gid
         self.pages = PageCache()
         self._handles = itertools.count(1)
-        # An inode instead of a Blob: opened without a descriptor (the kernel held
+        # An inode instead of a CachedFile: opened without a descriptor (the kernel held
         # every page); one is opened if a READ comes after all.
         self._files: dict[int, OpenFile | int] = {}
         self._folders: dict[int, Entries] = {}
@@ -259,17 +259,17 @@ class DicomFS(pyfuse3.Operations):
         written = self._written.get(fh)
         if written is not None and self.uploads is not None:
             return self.uploads.read(written, off, size)
-        blob = self._files[fh]
-        if isinstance(blob, int):
-            opened = await self.tree.open(blob)
-            blob = self._files.get(fh)
-            if not isinstance(blob, int):  # released, or another READ opened it meanwhile
+        held = self._files[fh]
+        if isinstance(held, int):
+            opened = await self.tree.open(held)
+            held = self._files.get(fh)
+            if not isinstance(held, int):  # released, or another READ opened it meanwhile
                 try:
                     return await _read(opened, size, off)
                 finally:
                     opened.close()
-            blob = self._files[fh] = opened
-        return await _read(blob, size, off)
+            held = self._files[fh] = opened
+        return await _read(held, size, off)
 
     @_errno
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -339,9 +339,9 @@ class DicomFS(pyfuse3.Operations):
             with contextlib.suppress(FileNotFoundError):
                 self.uploads.release(written)
             return
-        blob = self._files.pop(fh, None)
-        if blob is not None and not isinstance(blob, int):
-            blob.close()
+        held = self._files.pop(fh, None)
+        if held is not None and not isinstance(held, int):
+            held.close()
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, _lookups in inode_list:

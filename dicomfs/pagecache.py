@@ -24,7 +24,7 @@ import mmap
 
 import pyfuse3
 
-from dicomfs.store import Blob, OpenFile
+from dicomfs.store import CachedFile, OpenFile
 from dicomfs.tree import Node
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,12 @@ MiB = 1024 * 1024
 PUSH_AT_OPEN_BYTES = 8 * MiB  # larger files are read through READ requests instead
 
 
-def push(inode: int, blob: Blob) -> bool:
+def push(inode: int, opened: CachedFile) -> bool:
     """Put a whole cache file into the kernel's page cache for ``inode``."""
-    if blob.size == 0:
+    if opened.size == 0:
         return True
     try:
-        with mmap.mmap(blob.fd, blob.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+        with mmap.mmap(opened.fd, opened.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                        prot=mmap.PROT_READ) as view:
             pyfuse3.notify_store(inode, 0, view)
     except OSError as exc:  # ENOENT: the kernel has forgotten the inode
@@ -72,17 +72,17 @@ class PageCache:
         self._held.discard(inode)
         self._told.pop(inode, None)
 
-    def first_open(self, node: Node, blob: OpenFile) -> None:
-        """Bring the kernel's view of a file just opened (not held) in line with ``blob``.
+    def first_open(self, node: Node, opened: OpenFile) -> None:
+        """Bring the kernel's view of a file just opened (not held) in line with ``opened``.
 
         Pushing the pages also sets the exact size; when that is impossible or not
         worth it, the kernel is made to ask for the size again before trusting one.
         """
         told = self._told.get(node.inode)
-        if (node.immutable and isinstance(blob, Blob) and blob.size <= PUSH_AT_OPEN_BYTES
-                and told is not None and told <= blob.size and push(node.inode, blob)):
+        if (node.immutable and isinstance(opened, CachedFile) and opened.size <= PUSH_AT_OPEN_BYTES
+                and told is not None and told <= opened.size and push(node.inode, opened)):
             self._held.add(node.inode)
-        elif told != blob.size:
+        elif told != opened.size:
             try:
                 pyfuse3.invalidate_inode(node.inode, attr_only=True)
             except OSError as exc:

@@ -1,4 +1,4 @@
-"""The on-disk cache store: immutable blobs and listings under one private folder.
+"""The on-disk cache store: immutable entries (instances, rendered images, metadata) and listings under one private folder.
 
 It knows disk and nothing else: no HTTP, no DICOMweb. Every entry is written to
 a temporary file and renamed into place, so a reader sees a whole entry or
@@ -64,8 +64,8 @@ class Key:
 
 
 class OpenFile(Protocol):
-    """A file open for reading: a cache entry (:class:`Blob`), or an instance still
-    arriving (``fetch.StreamingBlob``)."""
+    """A file open for reading: a cache entry (:class:`CachedFile`), or an instance still
+    arriving (``fetch.ArrivingFile``)."""
 
     size: int
 
@@ -80,7 +80,7 @@ class OpenFile(Protocol):
 
 
 @dataclass(slots=True)
-class Blob:
+class CachedFile:
     """An open, read-only cache entry; the store does not evict it while it is open."""
 
     fd: int
@@ -162,7 +162,7 @@ class Writer:
 class Store:
     """A bounded LRU store of immutable entries for one server.
 
-    The size bound counts blobs and metadata; listings are small and kept apart
+    The size bound counts the entries; listings are small and kept apart
     so that offline browsing survives eviction. Recency is the file's mtime,
     refreshed on use, so the LRU order survives a remount. Entries open for
     reading are pinned: a reader never has its file evicted from under it.
@@ -236,7 +236,7 @@ class Store:
 
     # -- entries ------------------------------------------------------------------
 
-    def open(self, key: Key) -> Blob | None:
+    def open(self, key: Key) -> CachedFile | None:
         """The entry, open for reading and pinned until closed, or None when not cached."""
         rel = key.relpath()
         path = self._objects / rel
@@ -251,7 +251,7 @@ class Store:
             info = os.fstat(fd)
             self._touch(rel, path, info)
             self._pins[rel] += 1
-        return Blob(fd, info.st_size, lambda: self._unpin(rel))
+        return CachedFile(fd, info.st_size, lambda: self._unpin(rel))
 
     def _unpin(self, rel: str) -> None:
         with self._lock:

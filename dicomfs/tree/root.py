@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from dicomfs.capabilities import Capabilities
-from dicomfs.store import Blob, OpenFile
+from dicomfs.store import CachedFile, OpenFile
 from dicomfs.tree.catalog import Catalog
 from dicomfs.tree.dates import DatesView
 from dicomfs.tree.nodes import ROOT_INODE, Kind, Node, Nodes
@@ -174,8 +174,8 @@ class _UploadView(View):
         return self.tree.uploads.children(folder) if self.tree.uploads else []
 
 
-def _text_file(data: bytes) -> Blob:
+def _text_file(data: bytes) -> CachedFile:
     """Fixed bytes as an open file, for the adapter that reads by descriptor."""
     fd = os.memfd_create("dicomfs-text", os.MFD_CLOEXEC)
     os.write(fd, data)
-    return Blob(fd, len(data))
+    return CachedFile(fd, len(data))
