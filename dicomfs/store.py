@@ -1,4 +1,5 @@
-"""The on-disk cache store: immutable entries (instances, rendered images, metadata) and listings under one private folder.
+"""The on-disk cache store: immutable entries (instances, rendered images, metadata)
+and listings, under one private folder.
 
 It knows disk and nothing else: no HTTP, no DICOMweb. Every entry is written to
 a temporary file and renamed into place, so a reader sees a whole entry or
