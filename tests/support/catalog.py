@@ -33,6 +33,7 @@ class FakeCatalog:
         self.page_size = page_size
         self.asked: list[dict[str, str]] = []
         self.ahead: list[tuple[str, str | None]] = []
+        self.large = False
 
     async def studies(self, query: Query = ()) -> list[Dataset]:
         wanted = dict(query)
@@ -42,8 +43,12 @@ class FakeCatalog:
         return [ds for ds in self.all if _matches(ds, wanted)]
 
     async def few_studies(self, query: Query = ()) -> list[Dataset] | None:
+        """Like the archive's: one query, and a server found large stays so."""
+        if self.large:
+            return None
         found = await self.studies(query)
-        return found if len(found) < self.page_size else None
+        self.large = len(found) >= self.page_size
+        return None if self.large else found
 
     async def follow_studies(self, query: Query = ()) -> Arriving:
         return Arriving(await self.studies(query))
