@@ -18,7 +18,7 @@ from scripts import benchmarks
 from scripts.benchmarks.common import REPO, say
 from scripts.benchmarks.loopback import Bench
 from scripts.benchmarks.network import NetworkBench
-from scripts.benchmarks.plot import plot
+from scripts.benchmarks.plot import plot, plot_network
 from scripts.benchmarks.report import machine_facts
 from scripts.benchmarks.table import table_lines, text_table, write_report
 
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(network.text_table())
         png = output.with_name(f"{output.stem}-network.png")
         network.write_report(output, png, seconds - loopback_seconds, command)
-        network.plot(png)
+        plot_network(network, png)
         say(f"wrote the network section into {output}, and {png}")
     if network is not None and network.latency.links:
         print(f"\n{network.latency.text_table()}")

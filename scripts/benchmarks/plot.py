@@ -1,10 +1,12 @@
-"""The loopback section's plot: each compared row next to its reference, and peak memory."""
+"""The plots next to the report: the loopback rows next to their references and peak memory;
+the readers at each emulated link."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from scripts.benchmarks.common import Measure
+from scripts.benchmarks.network import READERS, NetworkBench
 from scripts.benchmarks.table import ROWS
 
 
@@ -78,3 +80,41 @@ def plot(measures: dict[str, Measure], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+def plot_network(network: NetworkBench, path: Path) -> None:
+    """The network section's plot: one panel per link, each reader's median seconds (bars:
+    min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(network.links), figsize=(13, 3.6), squeeze=False)
+    for ax, result in zip(axes[0], network.links, strict=True):
+        ref = result.measures["curl"].median
+        for y, (key, m) in enumerate(result.measures.items()):
+            colour = ("tab:blue" if key == "dicomfs" else
+                      "tab:gray" if key == "curl" else "tab:orange")
+            if not m.values:
+                ax.text(0.01, y, " failed" if m.error else " -", va="center", fontsize=7,
+                        color="tab:red", transform=ax.get_yaxis_transform())
+                continue
+            med = m.median or 0.0
+            ax.barh(y, med, color=colour, height=0.7,
+                    xerr=[[med - min(m.values)], [max(m.values) - med]], capsize=2)
+            note = f" {med:.1f} s" + (f" = {med / ref:.2f}x" if ref else "")
+            ax.text(max(m.values), y, note, va="center", fontsize=7)
+        ax.set_yticks(range(len(READERS)), list(READERS.values()), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{result.link.name} per connection", fontsize=9)
+        ax.set_xlabel("seconds (median; bars min-max)", fontsize=8)
+        ax.margins(x=0.35)
+        ax.grid(axis="x", alpha=0.3)
+        if ax is not axes[0][0]:
+            ax.set_yticklabels([])
+    fig.suptitle("CT series (400 files, 210 MB): ratio to the single curl stream",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
