@@ -122,7 +122,7 @@ class Mount:
         if self.proc is not None:
             _end_child(self.proc)
         elif self.pid is not None:
-            end_process(self.pid)
+            _end_pid(self.pid)
         if not force_unmount(self.path):
             raise MountError(f"{self.path} is still mounted after every way to unmount it")
 
@@ -194,18 +194,20 @@ def _launch(mount: Mount, argv: list[str], cwd: Path, env: dict[str, str], timeo
             timeout=timeout, check=False,
         )
     except subprocess.TimeoutExpired:
-        mount.pid = serving_pid(mount.path)
+        mount.pid = _serving_pid(mount.path)
         raise MountError(
             f"dicomfs mount did not return within {timeout:.0f} s; its log:\n{mount.log_tail(20)}"
         ) from None
     mount.seconds = time.perf_counter() - started
-    mount.pid = serving_pid(mount.path)
-    if done.returncode != 0 or mount.pid is None:
+    mount.pid = _serving_pid(mount.path)
+    if done.returncode != 0:
         raise MountError(
             f"dicomfs mount exited with status {done.returncode} "
             f"({(done.stderr or done.stdout).strip()[-1500:] or 'no output'}); "
             f"its log:\n{mount.log_tail(20)}"
         )
+    if mount.pid is None:
+        raise MountError(f"dicomfs mount said ready, but no one process serves {mount.path}")
 
 
 def _wait_for_mount(mount: Mount, timeout: float, started: float) -> None:
@@ -238,7 +240,7 @@ def _answers(path: Path, timeout: float) -> bool:
     return bool(result and result[0])
 
 
-def serving_pid(path: Path) -> int | None:
+def _serving_pid(path: Path) -> int | None:
     """The pid of the one ``--foreground`` dicomfs process serving ``path``, if exactly one.
 
     Read from /proc: the background start does not say which process it left behind.
@@ -256,7 +258,7 @@ def _processes() -> Iterator[tuple[int, list[str]]]:
                 yield int(entry.name), [os.fsdecode(a) for a in raw.split(b"\0")]
 
 
-def process_state(pid: int) -> str | None:
+def _process_state(pid: int) -> str | None:
     """The state letter of a process (``Z`` for a zombie), or None when it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -268,13 +270,13 @@ def process_state(pid: int) -> str | None:
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process_state(pid) in (None, "Z"):
+        if _process_state(pid) in (None, "Z"):
             return True
         time.sleep(0.02)
     return False
 
 
-def end_process(pid: int, grace: float = 10.0) -> None:
+def _end_pid(pid: int, grace: float = 10.0) -> None:
     """Wait for a process this one did not start to exit by itself, then SIGTERM, then SIGKILL."""
     if _wait_gone(pid, grace):
         return
