@@ -51,7 +51,7 @@ MOUNT_TIMEOUT = 60.0
 
 
 def say(message: str) -> None:
-    print(f"bench_listing: {message}", file=sys.stderr, flush=True)
+    print(f"listing: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- data
