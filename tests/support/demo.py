@@ -18,14 +18,13 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from tests.support.mounts import force_unmount, is_mounted
+from tests.support.mounts import Mount, MountError, force_unmount, is_mounted, mount_dicomfs
 from tests.support.orthanc import LocalOrthanc, OrthancError
 from tests.support.sample import SampleArchive, build_archive
 
@@ -77,10 +76,6 @@ def _say(message: str = "") -> None:
     print(message, flush=True)
 
 
-def _dicomfs(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dicomfs", *args]
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -114,6 +109,7 @@ def start(layout: Layout, mountpoint: Path, *, mount: bool = True) -> int:
     layout.demo.mkdir(parents=True, exist_ok=True)
     orthanc = LocalOrthanc(layout.storage)
     owns_mount = False
+    mounted: Mount | None = None
     try:
         started = time.monotonic()
         _say(f"Building the sample archive in {layout.data} (first time: ~10 s) ...")
@@ -133,7 +129,7 @@ def start(layout: Layout, mountpoint: Path, *, mount: bool = True) -> int:
             _say(f"{mountpoint} is already a mount point; not mounting (unmount it first)")
         # Written before mounting: a stop that lands mid-mount must still unmount.
         _write_state(layout, orthanc, mountpoint, mounted=owns_mount)
-        mounted = owns_mount and _mount(orthanc, mountpoint, layout.cache)
+        mounted = _mount(orthanc, mountpoint, layout) if owns_mount else None
         _print_instructions(orthanc, archive, mountpoint if mounted else None, layout)
         while orthanc.running:
             time.sleep(0.5)
@@ -148,6 +144,9 @@ def start(layout: Layout, mountpoint: Path, *, mount: bool = True) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _say("\nStopping the demo ...")
+        if mounted is not None:
+            with contextlib.suppress(MountError):
+                mounted.unmount()
         if owns_mount and is_mounted(mountpoint):
             _unmount(mountpoint)
         orthanc.stop()
@@ -155,31 +154,23 @@ def start(layout: Layout, mountpoint: Path, *, mount: bool = True) -> int:
         _say("Stopped.")
 
 
-def _mount(orthanc: LocalOrthanc, mountpoint: Path, cache: Path) -> bool:
-    """``dicomfs mount`` in the background; False (and why) when it did not work."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    cmd = _dicomfs("mount", orthanc.dicomweb_url, str(mountpoint), "--cache-dir", str(cache))
-    _say(f"Mounting: {shlex.join(cmd)}")
-    started = time.monotonic()
+def _mount(orthanc: LocalOrthanc, mountpoint: Path, layout: Layout) -> Mount | None:
+    """``dicomfs mount`` in the background; None (and why) when it did not work."""
+    log = layout.demo / "mount.log"
+    _say(f"Mounting {orthanc.dicomweb_url} at {mountpoint} (cache {layout.cache}, log {log})")
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-    except subprocess.TimeoutExpired:
-        _say("  dicomfs mount did not return within 60 s")
-        force_unmount(mountpoint)
-        return False
-    if done.returncode != 0 or not is_mounted(mountpoint):
-        _say(f"  dicomfs mount failed (status {done.returncode}):")
-        _say("    " + (done.stderr or done.stdout or "(no output)").strip().replace("\n", "\n    "))
+        mount = mount_dicomfs(orthanc.dicomweb_url, mountpoint, cache_dir=layout.cache,
+                              log_path=log, foreground=False, timeout=60)
+    except MountError as exc:
+        _say("  " + str(exc).replace("\n", "\n    "))
         _say("  The DICOMweb server keeps running; Ctrl-C to stop.")
-        return False
-    _say(f"  mounted in {time.monotonic() - started:.1f} s")
-    return True
+        return None
+    _say(f"  mounted in {mount.seconds:.1f} s")
+    return mount
 
 
 def _unmount(mountpoint: Path) -> None:
-    """``dicomfs unmount``, then force whatever is left so no mount outlives the demo."""
-    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-        subprocess.run(_dicomfs("unmount", str(mountpoint)), timeout=30, check=False)
+    """Force whatever is left so no mount outlives the demo (or an earlier, killed one)."""
     if not force_unmount(mountpoint):
         _say(f"warning: {mountpoint} is still mounted; try: fusermount3 -u -z {mountpoint}")
 

@@ -1,6 +1,6 @@
 """The latency rows of ``scripts/bench`` (issue 13): what a person waits for on a remote server.
 
-At each emulated link of the network section (scripts/bench_network.py), through the same
+At each emulated link of the network section (network.py), through the same
 :class:`~tests.support.netem.LinkProxy`, each run measures side by side:
 
 * first bytes by path: ``head -c 132`` of one CT instance opened by its full
@@ -28,10 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bench
 import httpx
-from bench import BenchError, Measure, Target, say
 
+from scripts.benchmarks.common import WORK, BenchError, Measure, Target, say
+from scripts.benchmarks.loopback import Bench
+from scripts.benchmarks.proc import ACCEPT, check_curl, run_timed
+from scripts.benchmarks.report import busy_note, markdown, plain_table, write_block
+from tests.support.mounts import Mount
 from tests.support.netem import LinkProxy
 from tests.support.sample import SampleFile
 
@@ -74,7 +77,7 @@ class LinkLatency:
 class LatencyBench:
     """The latency rows, run by the network section at each link with its proxy."""
 
-    def __init__(self, parent: bench.Bench) -> None:
+    def __init__(self, parent: Bench) -> None:
         self.parent = parent
         self.links: list[LinkLatency] = []
         self.instances = 0
@@ -108,14 +111,14 @@ class LatencyBench:
 
     # -- measurements ------------------------------------------------------------------
 
-    def _fresh_mount(self, proxy: LinkProxy) -> bench.MountHandle:
+    def _fresh_mount(self, proxy: LinkProxy) -> Mount:
         mounts = self.parent.mounts
         return mounts.dicomfs(proxy.url(), mounts.fresh_cache())
 
-    def _head(self, path: Path, count: int, origin: Path, handle: bench.MountHandle,
+    def _head(self, path: Path, count: int, origin: Path, handle: Mount,
               measure: Measure) -> None:
         """Time ``head -c COUNT PATH`` (its output into a file), then check the bytes."""
-        out = bench.WORK / "latency-head.out"
+        out = WORK / "latency-head.out"
         with open(out, "wb") as sink:
             started = time.perf_counter()
             done = subprocess.run(["head", "-c", str(count), "--", str(path)], stdout=sink,
@@ -124,7 +127,7 @@ class LatencyBench:
         if done.returncode != 0:
             raise BenchError(f"head -c {count} {path}: exit {done.returncode}: "
                              f"{done.stderr.decode(errors='replace').strip()}\n"
-                             f"{bench.tail(handle.log)}")
+                             f"{handle.log_tail(20)}")
         measure.add(seconds)
         with open(origin, "rb") as f:
             expected = f.read(count)
@@ -139,10 +142,10 @@ class LatencyBench:
                f"{name.removesuffix('.dcm')}")
         proxy.reset()
         cmd = ["curl", "-sS", "-o", "/dev/null", "-w", CURL_TIMES, "-H",
-               f"Accept: {bench.ACCEPT}", url]
-        _, out = bench.run_timed(cmd, "curl of one instance")
+               f"Accept: {ACCEPT}", url]
+        _, out = run_timed(cmd, "curl of one instance")
         status, size, start, total = out.split()
-        bench.check_curl(f"{status} {size}", ct.files[name].size, "curl of one instance")
+        check_curl(f"{status} {size}", ct.files[name].size, "curl of one instance")
         result.curl_start.add(float(start))
         result.curl_total.add(float(total))
         c = proxy.counters
@@ -158,10 +161,10 @@ class LatencyBench:
         with self.parent.mounts.mounted(self._fresh_mount(proxy)) as h:
             proxy.reset()
             try:
-                seconds, out = bench.run_timed(["ls", "-R", str(h.path / "patients")],
+                seconds, out = run_timed(["ls", "-R", str(h.path / "patients")],
                                                "ls -R /patients")
             except BenchError as exc:
-                raise BenchError(f"{exc}\n{bench.tail(h.log)}") from None
+                raise BenchError(f"{exc}\n{h.log_tail(20)}") from None
             c = proxy.counters
             result.ls.add(seconds)
             result.count("ls", c.requests, c.bytes_down / 1e6)
@@ -199,7 +202,7 @@ class LatencyBench:
         got = bytearray()
         with httpx.Client(timeout=600) as client:
             started = time.perf_counter()
-            with client.stream("GET", url, headers={"Accept": bench.ACCEPT,
+            with client.stream("GET", url, headers={"Accept": ACCEPT,
                                                     "Accept-Encoding": "identity"}) as answer:
                 if answer.status_code != 200:
                     raise BenchError(f"streamed GET {url}: HTTP {answer.status_code}")
@@ -264,7 +267,7 @@ class LatencyBench:
         return out
 
     def text_table(self) -> str:
-        return bench.plain_table(self.HEADERS, self.rows())
+        return plain_table(self.HEADERS, self.rows())
 
     def write_report(self, output: Path, command: str) -> None:
         facts = self.parent.facts
@@ -293,14 +296,14 @@ request, until it was closed.
   reference is a streamed GET (httpx, `Accept-Encoding: identity`) closed after 64 KiB.
 
 Reproduce: `{command}`
-{bench.busy_note(facts)}
-{bench.markdown(self.HEADERS, self.rows())}
+{busy_note(facts)}
+{markdown(self.HEADERS, self.rows())}
 
 ### Failures and wrong results
 
 {chr(10).join(problems) or "- none"}
 """
-        bench.write_block(output, "latency", text)
+        write_block(output, "latency", text)
 
 
 def wait_transfers_done(cache: Path, timeout: float) -> bool:

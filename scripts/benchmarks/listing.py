@@ -12,7 +12,8 @@ times, with ``ls`` as a person would run it:
 and, for comparison, the QIDO walk alone through dicomfs' client (no FUSE), one page
 at a time ("walk 1", what a mount does by default) and four speculative pages at once
 ("walk 4", ``ClientConfig.page_concurrency``). Every figure is the median of ``--runs``
-runs. Run it as ``.venv/bin/python scripts/bench_listing.py`` (``--help`` for options);
+runs. Run it as ``PYTHONPATH=. .venv/bin/python -m scripts.benchmarks.listing`` from the
+checkout's root (``--help`` for options);
 ``--mount-args`` passes options to the mounts.
 """
 
@@ -31,15 +32,12 @@ from pathlib import Path
 
 import trio
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run from a checkout without installing: use its copy
-    sys.path.insert(0, str(REPO))
-
-from dicomfs.client import ClientConfig, DicomwebClient  # noqa: E402
-from tests.support.mounts import force_unmount, is_mounted  # noqa: E402
-from tests.support.orthanc import LocalOrthanc  # noqa: E402
-from tests.support.sample import demo_uid  # noqa: E402
-from tests.support.tiny import tiny_instance  # noqa: E402
+from dicomfs.client import ClientConfig, DicomwebClient
+from scripts.benchmarks.common import REPO
+from tests.support.mounts import force_unmount, mount_dicomfs
+from tests.support.orthanc import LocalOrthanc
+from tests.support.sample import demo_uid
+from tests.support.tiny import tiny_instance
 
 HOME = REPO / ".cache" / "bench-10k"
 FAMILIES = ("Doe", "Smith", "Müller", "García", "Nguyen", "Иванов", "Παπαδόπουλος", "山田",
@@ -53,7 +51,7 @@ MOUNT_TIMEOUT = 60.0
 
 
 def say(message: str) -> None:
-    print(f"bench_listing: {message}", file=sys.stderr, flush=True)
+    print(f"listing: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -108,30 +106,14 @@ def generate(count: int) -> tuple[list[Path], list[str]]:
 def mounted(url: str, point: Path, cache: Path, page_size: int,
             extra: list[str]) -> Iterator[Path]:
     """``dicomfs mount`` in the foreground, unmounted (and the process ended) afterwards."""
-    point.mkdir(parents=True, exist_ok=True)
-    force_unmount(point)
-    log = open(point.parent / "mount.log", "ab")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "dicomfs", "mount", url, str(point),
-                             "--foreground", "--cache-dir", str(cache),
-                             "--page-size", str(page_size), "--log-level", "warning",
-                             *extra],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    force_unmount(point)  # left by a run that was killed
+    mount = mount_dicomfs(url, point, cache_dir=cache, log_path=point.parent / "mount.log",
+                          args=["--page-size", str(page_size), "--log-level", "warning", *extra],
+                          timeout=MOUNT_TIMEOUT)
     try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(point):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the mount did not come up; see {point.parent / 'mount.log'}")
-            time.sleep(0.05)
         yield point
     finally:
-        subprocess.run(["fusermount3", "-u", str(point)], capture_output=True)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        force_unmount(point)
-        log.close()
+        mount.unmount()
 
 
 def ls(folder: Path) -> tuple[float, int]:

@@ -1,6 +1,6 @@
 """What counting costs: a cold read of the 400-slice CT series with and without metrics.
 
-    .venv/bin/python scripts/bench_metrics.py --baseline DIR [--runs 3]
+    PYTHONPATH=. .venv/bin/python -m scripts.benchmarks.metrics --baseline DIR [--runs 3]
 
 Side by side in one run, each once per round, in turn: the dicomfs checkout at DIR (e.g.
 ``git worktree add DIR main``: no counting at all), this one without ``--metrics-address``
@@ -16,7 +16,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,19 +23,13 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.support.orthanc import LocalOrthanc, free_port  # noqa: E402
-from tests.support.sample import build_archive  # noqa: E402
+from scripts.benchmarks.common import REPO as ROOT
+from scripts.benchmarks.proc import cpu_seconds
+from tests.support.mounts import mount_dicomfs
+from tests.support.orthanc import LocalOrthanc, free_port
+from tests.support.sample import build_archive
 
 TESTDATA = Path(os.environ.get("DICOMFS_TESTDATA") or ROOT / ".cache" / "testdata")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cold_read(code: Path, url: str, folder: str, work: Path,
@@ -44,10 +37,10 @@ def cold_read(code: Path, url: str, folder: str, work: Path,
     """Seconds to ``cat`` the series through a fresh mount of the dicomfs at ``code``, and
     the CPU seconds the mount process spent meanwhile."""
     mountpoint, cache = Path(tempfile.mkdtemp(dir=work)), Path(tempfile.mkdtemp(dir=work))
-    command = [sys.executable, "-m", "dicomfs", "mount", url, str(mountpoint), "--foreground",
-               "--cache-dir", str(cache), "--log-level", "warning"]
-    mount = subprocess.Popen(command + (["--metrics-address", metrics] if metrics else []),
-                             env={**os.environ, "PYTHONPATH": str(code)})
+    mount = mount_dicomfs(url, mountpoint, cache_dir=cache,
+                          log_path=work / f"{mountpoint.name}.log", args=["--log-level", "warning",
+                                *(["--metrics-address", metrics] if metrics else [])],
+                          code=code)
     done = threading.Event()
     scrapes = 0
 
@@ -58,24 +51,21 @@ def cold_read(code: Path, url: str, folder: str, work: Path,
             scrapes += 1
 
     scraper = threading.Thread(target=scrape)
+    pid = mount.pid
+    assert pid is not None
     try:
-        while not os.path.ismount(mountpoint):
-            if mount.poll() is not None:
-                raise SystemExit(f"the mount ended with status {mount.returncode}")
-            time.sleep(0.05)
         if metrics:
             scraper.start()
-        cpu = cpu_seconds(mount.pid)
+        cpu = cpu_seconds(pid)
         started = time.perf_counter()
         subprocess.run(f"cat {mountpoint}/{folder}/*.dcm > /dev/null", shell=True, check=True)
-        return time.perf_counter() - started, cpu_seconds(mount.pid) - cpu
+        return time.perf_counter() - started, cpu_seconds(pid) - cpu
     finally:
         done.set()
         if scraper.is_alive():
             scraper.join()
             assert scrapes, "the read ended before the first scrape"
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
-        mount.wait(30)
+        mount.unmount()
 
 
 def main() -> None:

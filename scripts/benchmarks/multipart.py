@@ -6,7 +6,8 @@ and once without (as dcm4chee sends), feeds each to the parser in 64 KiB chunks,
 prints the median throughput of 5 runs. The parser must keep up with a fast network
 link with room to spare; the target is 500 MB/s.
 
-Run: .venv/bin/python scripts/bench_multipart.py [--runs N] [--parts N] [--part-size N]
+Run from the checkout's root: PYTHONPATH=. .venv/bin/python -m scripts.benchmarks.multipart
+[--runs N] [--parts N] [--part-size N]
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
-try:
-    from dicomfs.multipart import MultipartParser, PartData, PartEnd
-except ImportError:  # run from a checkout without installing: use the repository's copy
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from dicomfs.multipart import MultipartParser, PartData, PartEnd
+from dicomfs.multipart import MultipartParser, PartData, PartEnd
 
 BOUNDARY = "DICOMwebBoundary-7d1c4e2a9b3f4a6e8c5d0b1a2f3e4d5c"
 CHUNK = 64 * 1024

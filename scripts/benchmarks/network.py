@@ -15,7 +15,7 @@ Then, with the proxy only counting (no delay, no cap): the bytes the server send
 read with the cache folder on a 60 MB tmpfs (``cat`` of 100 CT files); and on loopback, the
 mount process's CPU seconds per GB for a cold series read next to ``curl -o file``.
 Every file read through a mount is checked (untimed) against the archive's SHA-256.
-At each link, after the readers, the latency rows of scripts/bench_latency.py.
+At each link, after the readers, the latency rows of latency.py.
 """
 
 from __future__ import annotations
@@ -26,10 +26,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bench
-from bench import BenchError, Measure, Target, say
-from bench_latency import LatencyBench
-
+from scripts.benchmarks.common import WORK, BenchError, Measure, Target, say
+from scripts.benchmarks.data import verify_into
+from scripts.benchmarks.latency import LatencyBench
+from scripts.benchmarks.loopback import Bench
+from scripts.benchmarks.proc import (
+    ACCEPT,
+    check_curl,
+    cpu_seconds,
+    curl_cmd,
+    dicomweb_client_seconds,
+    run_parallel,
+    run_timed,
+)
+from scripts.benchmarks.report import busy_note, machine_table, markdown, plain_table, write_block
 from tests.support.netem import Counters, LinkProxy
 
 
@@ -80,9 +90,9 @@ class LinkResult:
 
 
 class NetworkBench:
-    """The network section, run on the Orthanc and archive :class:`bench.Bench` prepared."""
+    """The network section, run on the Orthanc and archive the loopback :class:`Bench` prepared."""
 
-    def __init__(self, parent: bench.Bench) -> None:
+    def __init__(self, parent: Bench) -> None:
         self.parent = parent
         self.links = [LinkResult(link, {key: Measure(label, label)
                                         for key, label in READERS.items()})
@@ -161,8 +171,8 @@ class NetworkBench:
         return f"{proxy.url()}/studies/{self.ct.study}/series/{self.ct.series}"
 
     def _curl(self, m: Measure, proxy: LinkProxy) -> None:
-        seconds, out = bench.run_timed(bench.curl_cmd(self._series_url(proxy)), "curl series")
-        bench.check_curl(out, self.ct.size, "curl series")
+        seconds, out = run_timed(curl_cmd(self._series_url(proxy)), "curl series")
+        check_curl(out, self.ct.size, "curl series")
         m.add(seconds)
 
     def _curl8(self, m: Measure, proxy: LinkProxy) -> None:
@@ -171,12 +181,12 @@ class NetworkBench:
         cmds = []
         for share in shares:
             cmd = ["curl", "-sS", "-w", "%{http_code} %{size_download}\\n", "-H",
-                   f"Accept: {bench.ACCEPT}"]
+                   f"Accept: {ACCEPT}"]
             for name in share:
                 cmd += ["-o", "/dev/null",
                         f"{self._series_url(proxy)}/instances/{name.removesuffix('.dcm')}"]
             cmds.append(cmd)
-        seconds, outs = bench.run_parallel(cmds, "parallel curl of instances")
+        seconds, outs = run_parallel(cmds, "parallel curl of instances")
         for share, out in zip(shares, outs, strict=True):
             answers = out.split()
             codes, sizes = answers[0::2], [float(x) for x in answers[1::2]]
@@ -188,14 +198,14 @@ class NetworkBench:
         m.add(seconds)
 
     def _dwc(self, m: Measure, proxy: LinkProxy) -> None:
-        m.add(bench.dicomweb_client_seconds(proxy.url(), self.ct))
+        m.add(dicomweb_client_seconds(proxy.url(), self.ct))
 
     def _rclone(self, m: Measure, proxy: LinkProxy) -> None:
         mounts = self.parent.mounts
         with mounts.mounted(mounts.rclone(proxy.url("/webdav/"))) as h:
             folder = h.path / "by-uids" / self.ct.study / self.ct.series
             m.add(self.parent._read(folder, h))
-            bench.verify_into([m], folder, self.ct)
+            verify_into([m], folder, self.ct)
 
     def _dicomfs(self, m: Measure, proxy: LinkProxy) -> Counters:
         """The read's traffic: from the end of the mount to the end of the ``cat`` (not the
@@ -206,15 +216,15 @@ class NetworkBench:
             proxy.reset()
             m.add(self.parent._read(folder, h))
             counted = proxy.reset()
-            bench.verify_into([m], folder, self.ct)
+            verify_into([m], folder, self.ct)
             return counted
 
     def _nearly_full_disk(self) -> None:
         """``cat`` of 100 CT files with the cache folder on a 60 MB tmpfs (default mount
         options); the server's bytes counted by a proxy that only counts."""
-        tmpfs = bench.WORK / "tmpfs-cache"
+        tmpfs = WORK / "tmpfs-cache"
         tmpfs.mkdir(parents=True, exist_ok=True)
-        bench.run_timed(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs",
+        run_timed(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs",
                          str(tmpfs)], "mount a tmpfs")
         try:
             with LinkProxy(self.orthanc.dicomweb_url) as proxy:
@@ -226,33 +236,33 @@ class NetworkBench:
                     cmd = ["bash", "-c", 'cd -- "$1" && shift && cat -- "$@" > /dev/null',
                            "bash", str(folder), *names]
                     try:
-                        bench.run_timed(cmd, "cat of 100 files")
+                        run_timed(cmd, "cat of 100 files")
                     except BenchError as exc:
-                        raise BenchError(f"{exc}\n{bench.tail(h.log)}") from None
+                        raise BenchError(f"{exc}\n{h.log_tail(20)}") from None
                     c = proxy.counters
                     self.disk_traffic = Traffic(c.requests, c.connections, c.bytes_down)
                     self.disk_read = sum(self.ct.files[n].size for n in names)
                     self.disk.add(c.bytes_down / self.disk_read)
-                    bench.verify_into([self.disk], folder, self.ct, names)
+                    verify_into([self.disk], folder, self.ct, names)
         finally:
-            bench.run_timed(["umount", str(tmpfs)], "unmount the tmpfs")
+            run_timed(["umount", str(tmpfs)], "unmount the tmpfs")
 
     def _cpu_per_gb(self) -> None:
         run = len(self.wire_file.values)
         url = f"{self.orthanc.dicomweb_url}/studies/{self.ct.study}/series/{self.ct.series}"
-        target = bench.WORK / f"network-wire-{run}.multipart"
-        seconds, out = bench.run_timed(bench.curl_cmd(url, target), "curl -o file")
-        bench.check_curl(out, self.ct.size, "curl -o file")
+        target = WORK / f"network-wire-{run}.multipart"
+        seconds, out = run_timed(curl_cmd(url, target), "curl -o file")
+        check_curl(out, self.ct.size, "curl -o file")
         self.wire_file.add(seconds)
         mounts = self.parent.mounts
         with mounts.mounted(mounts.dicomfs(self.orthanc.dicomweb_url,
                                            mounts.fresh_cache())) as h:
             assert h.pid is not None
             folder = h.path / "studies" / self.ct.study / self.ct.series
-            before = bench.cpu_seconds(h.pid)
+            before = cpu_seconds(h.pid)
             self.cold.add(self.parent._read(folder, h))
-            self.cpu_per_gb.add((bench.cpu_seconds(h.pid) - before) / (self.ct.size / 1e9))
-            bench.verify_into([self.cold, self.cpu_per_gb], folder, self.ct)
+            self.cpu_per_gb.add((cpu_seconds(h.pid) - before) / (self.ct.size / 1e9))
+            verify_into([self.cold, self.cpu_per_gb], folder, self.ct)
 
     # -- report ------------------------------------------------------------------------
 
@@ -333,8 +343,8 @@ class NetworkBench:
     OTHER_HEADERS = ("measurement", "median", "min-max", "runs", "target", "result")
 
     def text_table(self) -> str:
-        return (f"{bench.plain_table(self.HEADERS, self.rows())}\n\n"
-                f"{bench.plain_table(self.OTHER_HEADERS, self.other_rows())}")
+        return (f"{plain_table(self.HEADERS, self.rows())}\n\n"
+                f"{plain_table(self.OTHER_HEADERS, self.other_rows())}")
 
     def write_report(self, output: Path, png: Path, seconds: float, command: str) -> None:
         facts = self.parent.facts
@@ -355,14 +365,14 @@ link. Requests, connections and MB from server: what the link proxy saw in the l
 (for dicomfs, from the end of the mount to the end of the `cat`).
 
 Reproduce: `{command}`
-{bench.busy_note(facts)}
-{bench.markdown(self.HEADERS, self.rows())}
+{busy_note(facts)}
+{markdown(self.HEADERS, self.rows())}
 
 ![readers of the CT series over three emulated links]({png.name})
 
 ### Nearly full disk, CPU
 
-{bench.markdown(self.OTHER_HEADERS, self.other_rows())}
+{markdown(self.OTHER_HEADERS, self.other_rows())}
 
 ### Failures and wrong results
 
@@ -370,47 +380,10 @@ Reproduce: `{command}`
 
 ### Machine
 
-{bench.machine_table(facts)}
+{machine_table(facts)}
 
 ### Data
 
 {chr(10).join(f"- {note}" for note in self.parent.data_notes)}
 """
-        bench.write_block(output, "network", text)
-
-    def plot(self, path: Path) -> None:
-        """One panel per link: each reader's median seconds (bars: min-max)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(self.links), figsize=(13, 3.6), squeeze=False)
-        for ax, result in zip(axes[0], self.links, strict=True):
-            ref = result.measures["curl"].median
-            for y, (key, m) in enumerate(result.measures.items()):
-                colour = ("tab:blue" if key == "dicomfs" else
-                          "tab:gray" if key == "curl" else "tab:orange")
-                if not m.values:
-                    ax.text(0.01, y, " failed" if m.error else " -", va="center", fontsize=7,
-                            color="tab:red", transform=ax.get_yaxis_transform())
-                    continue
-                med = m.median or 0.0
-                ax.barh(y, med, color=colour, height=0.7,
-                        xerr=[[med - min(m.values)], [max(m.values) - med]], capsize=2)
-                note = f" {med:.1f} s" + (f" = {med / ref:.2f}x" if ref else "")
-                ax.text(max(m.values), y, note, va="center", fontsize=7)
-            ax.set_yticks(range(len(READERS)), list(READERS.values()), fontsize=7)
-            ax.invert_yaxis()
-            ax.set_title(f"{result.link.name} per connection", fontsize=9)
-            ax.set_xlabel("seconds (median; bars min-max)", fontsize=8)
-            ax.margins(x=0.35)
-            ax.grid(axis="x", alpha=0.3)
-            if ax is not axes[0][0]:
-                ax.set_yticklabels([])
-        fig.suptitle("CT series (400 files, 210 MB): ratio to the single curl stream",
-                     fontsize=10)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        write_block(output, "network", text)
