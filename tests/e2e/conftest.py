@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,14 +35,13 @@ import pytest
 from tests.support import LocalOrthanc, OrthancError, SampleArchive, SampleFile
 from tests.support.harness import (
     MOUNT_TIMEOUT,
-    REPO_ROOT,
     Mount,
     MountFactory,
     OrthancFactory,
     TinyPacsFactory,
-    _wait_for_mount,
     tiny_pacs_files,
 )
+from tests.support.mounts import MountError, mount_dicomfs
 from tests.support.orthanc import find_orthanc
 from tests.support.tinypacs import LocalTinyPacs, TinyPacsError
 
@@ -193,30 +190,20 @@ def mount_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mo
             url = request.getfixturevalue("orthanc").dicomweb_url
         work = tmp_path / f"mount{len(mounts)}"
         work.mkdir()
-        path = Path(mountpoint) if mountpoint else work / "mnt"
-        path.mkdir(parents=True, exist_ok=True)
-        cache = Path(cache_dir) if cache_dir else work / "cache"
-        log_path = work / "dicomfs.log"
-        argv = [*(command or [sys.executable, "-m", "dicomfs"]), "mount", url, str(path)]
-        argv += ["--foreground", "--cache-dir", str(cache), "--log-level", "debug", *args]
-        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
-        )
-        with open(log_path, "wb") as log:
-            log.write(("$ " + " ".join(argv) + "\n").encode())
-            log.flush()
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=work,
-                env=child_env,
+        try:
+            mount = mount_dicomfs(
+                url,
+                Path(mountpoint) if mountpoint else work / "mnt",
+                cache_dir=Path(cache_dir) if cache_dir else work / "cache",
+                log_path=work / "dicomfs.log",
+                args=["--log-level", "debug", *args],
+                env=env,
+                timeout=timeout,
+                command=command,
             )
-        mount = Mount(path, proc, cache, log_path, url, tuple(args))
-        mounts.append(mount)  # before waiting: a failed start is torn down and reported too
-        _wait_for_mount(mount, timeout)
+        except MountError as exc:  # the helper has torn the failed start down
+            pytest.fail(str(exc), pytrace=False)
+        mounts.append(mount)
         return mount
 
     yield factory
@@ -224,7 +211,7 @@ def mount_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mo
     for mount in reversed(mounts):
         try:
             mount.unmount()
-        except RuntimeError as exc:
+        except MountError as exc:
             errors.append(str(exc))
     if errors:
         pytest.fail("; ".join(errors), pytrace=False)

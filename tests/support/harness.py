@@ -11,19 +11,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-import pytest
 
 from tests.support import LocalOrthanc, SampleArchive, SampleFile
-from tests.support.mounts import force_unmount, is_mounted, run_quietly
+from tests.support.mounts import Mount
 from tests.support.netem import LinkProxy
 from tests.support.tinypacs import LocalTinyPacs
 
@@ -67,64 +62,6 @@ class TinyPacsFactory(Protocol):
 # --------------------------------------------------------------------------- mounts
 
 
-def _answers(path: Path, timeout: float) -> bool:
-    """``os.path.ismount(path)`` without hanging the test on a daemon that never answers."""
-    result: list[bool] = []
-    probe = threading.Thread(target=lambda: result.append(os.path.ismount(path)), daemon=True)
-    probe.start()
-    probe.join(timeout)
-    return bool(result and result[0])
-
-
-@dataclass
-class Mount:
-    """A running ``dicomfs mount`` process and its mount point."""
-
-    path: Path
-    proc: subprocess.Popen[bytes]
-    cache_dir: Path
-    log_path: Path
-    url: str
-    args: tuple[str, ...]
-    _closed: bool = field(default=False, repr=False)
-
-    def log(self) -> str:
-        """Everything the mount process printed so far."""
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def unmount(self) -> None:
-        """Unmount and end the process; idempotent; never leaves a mount behind.
-
-        Order: a normal ``fusermount3 -u`` (the daemon sees it and exits by itself), then
-        SIGTERM, then SIGKILL, then ``fusermount3 -u -z`` / ``umount -l`` of whatever is left.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        if is_mounted(self.path):
-            run_quietly(["fusermount3", "-u", str(self.path)])
-        _end_process(self.proc)
-        if not force_unmount(self.path):
-            raise RuntimeError(f"{self.path} is still mounted after every way to unmount it")
-
-
-def _end_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    for step in (None, proc.terminate, proc.kill):
-        if step is not None:
-            step()
-        try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 class MountFactory(Protocol):
     def __call__(
         self,
@@ -137,27 +74,6 @@ class MountFactory(Protocol):
         timeout: float = MOUNT_TIMEOUT,
         command: Sequence[str] | None = None,
     ) -> Mount: ...
-
-
-def _wait_for_mount(mount: Mount, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if mount.proc.poll() is not None:
-            pytest.fail(
-                f"dicomfs mount exited with status {mount.proc.returncode} before "
-                f"{mount.path} was mounted; its log:\n{mount.log_tail()}",
-                pytrace=False,
-            )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        if is_mounted(mount.path) and _answers(mount.path, remaining):
-            return
-        time.sleep(0.05)
-    pytest.fail(
-        f"{mount.path} not mounted after {timeout:.0f} s; dicomfs log:\n{mount.log_tail()}",
-        pytrace=False,
-    )
 
 
 # --------------------------------------------------------------------------- server truth
