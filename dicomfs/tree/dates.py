@@ -22,7 +22,7 @@ from dicomfs.dicomjson import Dataset
 from dicomfs.tree.nodes import Kind, Node, Nodes
 from dicomfs.tree.scope import Scope
 from dicomfs.tree.studies import NamedStudyFolders, named_studies
-from dicomfs.tree.view import LIST_AHEAD_FOLDERS, NamedView
+from dicomfs.tree.view import LIST_AHEAD_FOLDERS, Grouped, NamedView
 
 FIRST_YEAR = 1985
 YEAR, MONTH, DAY = len("YYYY"), len("YYYY-MM"), len("YYYY-MM-DD")
@@ -38,7 +38,7 @@ class DatesView(NamedView):
         self.scope = scope
         self.contents = contents
         self.large = False  # the last listing found the server too large to list whole
-        self._grouped: tuple[list[Dataset], dict[str, list[Dataset]]] = ([], {})
+        self._by_day = Grouped(_day)
 
     async def names(self, folder: Node) -> dict[str, Node]:
         few = await self.scope.few()
@@ -86,16 +86,6 @@ class DatesView(NamedView):
     def _folders(self, prefixes: set[str]) -> dict[str, Node]:
         return {name: self.nodes.add(self, Kind.FOLDER, (self, name), name, group=name)
                 for name in prefixes}
-
-    def _by_day(self, studies: list[Dataset]) -> dict[str, list[Dataset]]:
-        """The studies by day, grouped again when the listing is new."""
-        if self._grouped[0] is not studies:
-            by_day: dict[str, list[Dataset]] = {}
-            for ds in studies:
-                by_day.setdefault(_day(ds), []).append(ds)
-            self._grouped = (studies, by_day)
-        return self._grouped[1]
-
 
 def _day(ds: Dataset) -> str:
     return names.iso_date(dicomjson.text(ds, dicomjson.STUDY_DATE)) or names.UNKNOWN_DATE

@@ -20,7 +20,7 @@ from dicomfs.dicomjson import Dataset
 from dicomfs.tree.nodes import Kind, Node, Nodes
 from dicomfs.tree.scope import Scope
 from dicomfs.tree.studies import NamedStudyFolders, named_studies
-from dicomfs.tree.view import LIST_AHEAD_FOLDERS, NamedView
+from dicomfs.tree.view import LIST_AHEAD_FOLDERS, Grouped, NamedView
 
 INITIALS = string.ascii_uppercase
 
@@ -35,7 +35,7 @@ class PatientsView(NamedView):
         self.contents = contents
         self.large = False  # the last listing found the server too large to list whole
         self._initial: dict[int, str] = {}  # a large server's patient folder -> its letter
-        self._grouped: tuple[list[Dataset], dict[str, list[Dataset]]] = ([], {})
+        self._by_patient = Grouped(patient_key)
 
     async def names(self, folder: Node) -> dict[str, Node]:
         few = await self.scope.few()
@@ -84,16 +84,6 @@ class PatientsView(NamedView):
     async def _with_initial(self, initial: str) -> list[Dataset]:
         """The studies of the patients whose family name starts with ``initial``."""
         return await self.scope.studies({"PatientName": f"{initial}*"})
-
-    def _by_patient(self, studies: list[Dataset]) -> dict[str, list[Dataset]]:
-        """The studies by patient, grouped again when the listing is new."""
-        if self._grouped[0] is not studies:
-            by_patient: dict[str, list[Dataset]] = {}
-            for ds in studies:
-                by_patient.setdefault(patient_key(ds), []).append(ds)
-            self._grouped = (studies, by_patient)
-        return self._grouped[1]
-
 
 def patient_key(ds: Dataset) -> str:
     """Who a study belongs to, as far as QIDO tells: the same ID and the same name."""

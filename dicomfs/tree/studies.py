@@ -85,11 +85,8 @@ class NamedStudyFolders(NamedView):
         return self.memo(folder, found, lambda: self._name_files(folder, found))
 
     def _name_series(self, folder: Node, found: list[Dataset]) -> dict[str, Node]:
-        width = names.number_width(dicomjson.integer(ds, dicomjson.SERIES_NUMBER)
-                                   for ds in found)
-        unique = names.unique({_uid(ds, dicomjson.SERIES_UID): (names.series_folder(ds, width),
-                                                                 "") for ds in found},
-                              reserved={METADATA})
+        unique = _numbered(found, dicomjson.SERIES_NUMBER, dicomjson.SERIES_UID,
+                           lambda ds, width: (names.series_folder(ds, width), ""))
         children = {node.name: node for node in self.nodes.metadata(self, folder)}
         for ds in found:
             name = unique[_uid(ds, dicomjson.SERIES_UID)]
@@ -97,15 +94,21 @@ class NamedStudyFolders(NamedView):
         return children
 
     def _name_files(self, folder: Node, found: list[Dataset]) -> dict[str, Node]:
-        width = names.number_width(dicomjson.integer(ds, dicomjson.INSTANCE_NUMBER)
-                                   for ds in found)
-        unique = names.unique({_uid(ds, dicomjson.SOP_UID): (names.instance_stem(ds, width),
-                                                              ".dcm") for ds in found},
-                              reserved={METADATA})
+        unique = _numbered(found, dicomjson.INSTANCE_NUMBER, dicomjson.SOP_UID,
+                           lambda ds, width: (names.instance_stem(ds, width), ".dcm"))
         children = {node.name: node for node in self.nodes.metadata(self, folder)}
         children.update((unique[node.instance], node)
                         for node in self.nodes.files(self, folder, found))
         return children
+
+
+def _numbered(found: list[Dataset], number: str, uid: str,
+              naming: Callable[[Dataset, int], tuple[str, str]]) -> dict[str, str]:
+    """UID -> a name made from the number (as wide as the folder's largest), unique in
+    the folder and never metadata.json."""
+    width = names.number_width(dicomjson.integer(ds, number) for ds in found)
+    return names.unique({_uid(ds, uid): naming(ds, width) for ds in found},
+                        reserved={METADATA})
 
 
 def named_studies(contents: NamedStudyFolders, folder: Node, studies: list[Dataset],

@@ -128,3 +128,21 @@ class Entries:
             self._arriving.leave()
             self._arriving = None
 
+
+class Grouped:
+    """Studies grouped by ``key`` (a patient, a day), grouped again only when the
+    listing is a new one."""
+
+    def __init__(self, key: Callable[[Dataset], str]) -> None:
+        self.key = key
+        self._source: list[Dataset] | None = None
+        self._groups: dict[str, list[Dataset]] = {}
+
+    def __call__(self, studies: list[Dataset]) -> dict[str, list[Dataset]]:
+        if self._source is not studies:
+            self._groups = {}
+            for ds in studies:
+                self._groups.setdefault(self.key(ds), []).append(ds)
+            self._source = studies
+        return self._groups
+
