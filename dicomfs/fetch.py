@@ -22,7 +22,7 @@ How (mountpoint-s3's prefetcher and gcsfuse's parallel downloads are the models)
   ``Retry-After``; raised by one per ``limit`` successes. Read-ahead leaves one
   connection free for readers.
 * Each transfer runs in its own task, bounded by the deadline, with the client's
-  one retry policy (:func:`dicomfs.client.backoff`) and at most ``retries`` retries
+  one retry policy (:func:`dicomfs.transport.backoff`) and at most ``retries`` retries
   in all, so one slow or failed transfer never stalls the others.
 * Nothing unverified enters the cache: a part is written to a temporary file and
   committed only when :mod:`dicomfs.part10` shows it is the whole instance asked
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import trio
 
 from dicomfs import part10
-from dicomfs.client import DicomwebClient, backoff, retryable
+from dicomfs.client import DicomwebClient
 from dicomfs.errors import (
     DicomfsError,
     DicomwebError,
@@ -59,6 +59,7 @@ from dicomfs.errors import (
 from dicomfs.flight import ServerHealth
 from dicomfs.multipart import PartData, PartEnd, PartStart
 from dicomfs.store import CachedFile, Key, Store, Writer
+from dicomfs.transport import backoff, retryable
 
 log = logging.getLogger(__name__)
 
