@@ -3,75 +3,43 @@
 It speaks HTTP and DICOMweb and nothing else: no FUSE, no disk. Every answer
 that carries instances is streamed through the multipart parser as events, so
 a series is never held in memory. Failures surface as the typed errors of
-:mod:`dicomfs.errors`, whatever httpx raised underneath.
+:mod:`dicomfs.errors`, whatever httpx raised underneath. The HTTP plumbing all
+requests share (errors, retries, reading parts) is :mod:`dicomfs.transport`;
+the STOW-RS body and answer are :mod:`dicomfs.stow`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import random
 import ssl
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-    Sequence,
-)
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import quote
 
 import httpx
 import trio
-from httpcore._async.http11 import AsyncHTTP11Connection
 
-from dicomfs import __version__, dicomjson, metrics
+from dicomfs import __version__, dicomjson, metrics, stow
 from dicomfs.dicomjson import Dataset
-from dicomfs.errors import (
-    BadRequest,
-    CertificateError,
-    Conflict,
-    DicomwebError,
-    NotFound,
-    ProtocolError,
-    ServerError,
-    Timeout,
-    TooLarge,
-    Truncated,
-    Unauthorized,
-    Unreachable,
+from dicomfs.errors import BadRequest, DicomwebError, ProtocolError, Timeout, Truncated
+from dicomfs.multipart import Event, parse_content_type
+from dicomfs.stow import MultipartFiles, StowResult
+from dicomfs.transport import (
+    MAX_ERROR_TEXT,
+    MULTIPART_DICOM,
+    events,
+    query_string,
+    retrying,
+    status_error,
+    translated,
 )
-from dicomfs.multipart import Event, PartData, PartEnd, PartStart, iter_events, parse_content_type
 from dicomfs.uids import check_uid
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 USER_AGENT = f"dicomfs/{__version__}"
 MAX_JSON_BYTES = 512 * 1024 * 1024
-MAX_ERROR_TEXT = 500
-MAX_STOW_ANSWER = 16 * 1024 * 1024
-STOW_CHUNK = 1024 * 1024
-REFERENCED_SOP_SEQUENCE = "00081199"
-FAILED_SOP_SEQUENCE = "00081198"
-REFERENCED_SOP_INSTANCE = "00081155"
-FAILURE_REASON = "00081197"
-# STOW-RS failure reasons (PS3.18 and PS3.4 status codes) a person can act on.
-FAILURE_REASONS = {
-    0x0110: "processing failure", 0x0111: "duplicate SOP instance",
-    0x0122: "SOP class not supported", 0x0124: "not authorized",
-    0xA700: "out of resources", 0xA900: "data set does not match SOP class",
-    0xC000: "cannot understand",
-}
-
 # QIDO return keys worth asking for: they name, date and size the files we show.
 INSTANCE_FIELDS = (
     dicomjson.INSTANCE_NUMBER, dicomjson.CREATION_DATE, dicomjson.CREATION_TIME,
@@ -87,17 +55,6 @@ STUDY_FIELDS = (
 )
 
 Query = Mapping[str, str] | Iterable[tuple[str, str]]
-
-# httpcore receives at most 64 KiB per socket read, a constant it offers no option for.
-# A series answer is hundreds of MB: 1 MiB reads cut the per-read overhead by a
-# factor of about 3 and bring a series retrieve to curl's speed (docs/performance.md).
-if getattr(AsyncHTTP11Connection, "READ_NUM_BYTES", 0) < 1024 * 1024:
-    AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
-# Characters a QIDO query value keeps as they are: wildcards and list separators (legal in
-# a URL query, RFC 3986) and the PN separator ^ (which servers take as it is). Orthanc 1.10
-# does not decode escapes in QIDO values: "Doe%5EJane%2A", what a form encoder sends,
-# matches nothing there, "Doe^Jane*" does.
-QUERY_SAFE = "*?,^:@/"
 
 
 @dataclass(frozen=True)
@@ -120,76 +77,6 @@ class ClientConfig:
     # httpx 0.28 sends no client certificate given as cert= next to a CA path (and calls
     # verify=<path> deprecated): one SSLContext carries the CA bundle and the client chain.
     verify: bool | ssl.SSLContext = True
-
-
-def _status_error(status: int, message: str, url: str,
-                  retry_after: str | None = None) -> DicomwebError:
-    """Map an HTTP status to the error type callers act on."""
-    kind: type[DicomwebError]
-    if status in (404, 410):
-        kind = NotFound
-    elif status in (401, 403):
-        kind = Unauthorized
-    elif status >= 500 or status in (408, 429):
-        kind = ServerError
-    elif status == 409:
-        kind = Conflict
-    elif status == 413:
-        kind = TooLarge
-    else:
-        kind = BadRequest
-    return kind(f"HTTP {status}: {message}" if message else f"HTTP {status}", status=status,
-                url=url, retry_after=retry_after)
-
-
-@contextmanager
-def _translated(url: str) -> Any:
-    """Turn httpx's exceptions into ours, so no caller needs to know httpx."""
-    try:
-        yield
-    except httpx.TimeoutException as exc:
-        raise Timeout(f"timed out: {type(exc).__name__}", url=url) from exc
-    except httpx.ConnectError as exc:
-        rejected = _certificate_failure(exc)
-        if rejected is not None:
-            raise CertificateError(f"the server's TLS certificate is not trusted: {rejected}",
-                                   url=url) from exc
-        raise Unreachable(f"cannot connect: {exc}", url=url) from exc
-    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-        raise Truncated(f"connection broke mid-answer: {exc}", url=url) from exc
-    except httpx.DecodingError as exc:
-        raise ProtocolError(f"undecodable answer: {exc}", url=url) from exc
-    except httpx.TransportError as exc:
-        raise Unreachable(f"transport error: {exc}", url=url) from exc
-
-
-def _certificate_failure(exc: BaseException) -> str | None:
-    """Why certificate verification failed, when that is what broke the connection."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return cause.verify_message or str(cause)
-        cause = cause.__cause__ or cause.__context__
-    return None
-
-
-def query_string(params: Iterable[tuple[str, str]]) -> str:
-    """A QIDO query string that escapes only what a URL query cannot hold (see QUERY_SAFE)."""
-    return "&".join(f"{quote(key, safe=QUERY_SAFE)}={quote(value, safe=QUERY_SAFE)}"
-                    for key, value in params)
-
-
-def retryable(exc: DicomwebError) -> bool:
-    """Whether asking again may succeed: the server was busy, slow, gone or cut us off."""
-    return isinstance(exc, ServerError | Timeout | Unreachable | Truncated)
-
-
-def backoff(attempt: int, exc: DicomwebError) -> float:
-    """Seconds to wait before attempt ``attempt + 1``: exponential with full jitter; a
-    server's Retry-After wins if sane. The one retry policy of every request."""
-    if exc.retry_after and exc.retry_after.isdigit():
-        return min(float(exc.retry_after), 30.0)
-    return random.uniform(0, min(0.25 * 2**attempt, 8.0))
 
 
 class DicomwebClient:
@@ -233,31 +120,16 @@ class DicomwebClient:
         With ``retry`` off the caller runs the retries (the fetch engine, which
         also adapts its connection count to what it sees).
         """
-        return await self._retrying(
+        return await retrying(
             lambda: self._send_once(url, accept=accept, params=params, encoding=encoding),
-            retry=retry)
-
-    async def _retrying(self, once: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
-        """``once()``, run again after failures worth retrying, at most ``retries`` times."""
-        attempt = 0
-        while True:
-            try:
-                return await once()
-            except DicomwebError as exc:
-                if not retry or not retryable(exc) or attempt >= self.config.retries:
-                    raise
-                delay = backoff(attempt, exc)
-                attempt += 1
-                log.warning("retrying in %.1fs (%d/%d) after: %s", delay, attempt,
-                            self.config.retries, exc)
-                await trio.sleep(delay)
+            self.config.retries if retry else 0)
 
     async def _send_once(self, url: str, *, accept: str, params: list[tuple[str, str]] | None,
                          encoding: str | None) -> httpx.Response:
         headers = {"Accept": accept}
         if encoding:
             headers["Accept-Encoding"] = encoding
-        with _translated(url):
+        with translated(url):
             request = self._http.build_request("GET", url, params=params, headers=headers)
             try:
                 response = await self._http.send(request, stream=True)
@@ -268,7 +140,7 @@ class DicomwebClient:
             return response
         body = b""
         try:
-            with _translated(url):
+            with translated(url):
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) >= MAX_ERROR_TEXT:
@@ -276,7 +148,7 @@ class DicomwebClient:
         finally:
             await response.aclose()
         message = body[:MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
-        raise _status_error(response.status_code, message, url,
+        raise status_error(response.status_code, message, url,
                             response.headers.get("Retry-After"))
 
     async def _get_bytes(self, url: str, *, accept: str,
@@ -290,7 +162,7 @@ class DicomwebClient:
             try:
                 chunks: list[bytes] = []
                 size = 0
-                with _translated(url):
+                with translated(url):
                     async for chunk in response.aiter_bytes():
                         size += len(chunk)
                         if size > limit:
@@ -470,25 +342,9 @@ class DicomwebClient:
                 raise
             response = await self._send_retrieve(url, single_part=not single, retry=retry)
         try:
-            yield self._events(response, url)
+            yield events(response, url)
         finally:
             await response.aclose()
-
-    async def _events(self, response: httpx.Response, url: str) -> AsyncIterator[Event]:
-        content_type = response.headers.get("Content-Type", "")
-        media, params = parse_content_type(content_type)
-        with _translated(url):
-            if media == "multipart/related":
-                boundary = params.get("boundary")
-                if not boundary:
-                    raise ProtocolError("multipart answer without a boundary", url=url)
-                async for event in iter_events(response.aiter_bytes(), boundary):
-                    yield event
-            elif media == "application/dicom":
-                async for event in _single_part(response, content_type, url):
-                    yield event
-            else:
-                raise ProtocolError(f"unexpected content type {content_type[:100]!r}", url=url)
 
     async def rendered(self, study: str, series: str, instance: str, *,
                        media_type: str = "image/png", frame: int | None = None) -> bytes:
@@ -533,131 +389,13 @@ class DicomwebClient:
         tells what was stored and what failed, per instance.
         """
         url = f"{self._base}/studies"
-        body = _MultipartFiles(paths)
-        headers = {"Content-Type": f"{MULTIPART_DICOM}; boundary={body.boundary}",
-                   "Content-Length": str(body.length), "Accept": "application/dicom+json"}
-        return await self._retrying(lambda: self._stow_once(url, body, headers))
-
-    async def _stow_once(self, url: str, body: _MultipartFiles,
-                         headers: dict[str, str]) -> StowResult:
-        with _translated(url):
-            request = self._http.build_request("POST", url, content=body, headers=headers)
-            response = await self._http.send(request, stream=True)
-            try:
-                raw = b""
-                async for chunk in response.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > MAX_STOW_ANSWER:
-                        raise ProtocolError("STOW-RS answer too large", url=url)
-            finally:
-                await response.aclose()
-        answer = _stow_answer(raw)
-        if response.status_code >= 400:
-            text = "; ".join(f"{uid}: {why}" for uid, why in answer.failed.items()) if \
-                answer.failed else ("" if answer.parsed else
-                                    raw[:MAX_ERROR_TEXT].decode("utf-8", "replace").strip())
-            raise _status_error(response.status_code, text, url,
-                                response.headers.get("Retry-After"))
-        return answer
+        body = MultipartFiles(paths)
+        return await retrying(lambda: stow.post(self._http, url, body), self.config.retries)
 
     async def probe(self) -> None:
         """One cheap QIDO request, to fail fast on a wrong URL or wrong credentials."""
         await self._get_bytes(self._qido + "/studies", accept="application/dicom+json",
                               params=[("limit", "1")])
-
-
-class _MultipartFiles:
-    """A ``multipart/related`` body of DICOM files, read from disk as it is sent.
-
-    An async iterable but no generator, so httpx can send it again (retries,
-    authentication); its length is known before the first byte.
-    """
-
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = list(paths)
-        self.boundary = f"dicomfs-{os.urandom(12).hex()}"
-        self._head = f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        self._tail = f"--{self.boundary}--\r\n".encode()
-        self._sizes = [os.stat(path).st_size for path in self.paths]
-        self.length = sum(len(self._head) + size + 2 for size in self._sizes) + len(self._tail)
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        for path, size in zip(self.paths, self._sizes, strict=True):
-            yield self._head
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                offset = 0
-                while offset < size:
-                    chunk = await trio.to_thread.run_sync(
-                        os.pread, fd, min(STOW_CHUNK, size - offset), offset)
-                    if not chunk:  # shorter than announced: never send a cut file
-                        raise ProtocolError(f"{path.name} shrank while being sent")
-                    offset += len(chunk)
-                    yield chunk
-            finally:
-                os.close(fd)
-            yield b"\r\n"
-        yield self._tail
-
-
-@dataclass(frozen=True)
-class StowResult:
-    """What a STOW-RS answer says: instances stored, and instances refused with why."""
-
-    stored: frozenset[str]
-    failed: dict[str, str]
-    parsed: bool = True  # False when the answer was no DICOM JSON (e.g. empty)
-
-
-def _stow_answer(raw: bytes) -> StowResult:
-    """The Referenced and Failed SOP Sequences of a STOW-RS answer, leniently: an
-    empty or non-JSON body says nothing, which the status then says alone."""
-    try:
-        parsed = json.loads(raw) if raw.strip() else None
-    except (ValueError, RecursionError):
-        parsed = None
-    if isinstance(parsed, list):  # some servers wrap the one answer in an array
-        parsed = next((item for item in parsed if isinstance(item, dict)), None)
-    if not isinstance(parsed, dict):
-        return StowResult(frozenset(), {}, parsed=False)
-    stored = {uid for item in _items(parsed, REFERENCED_SOP_SEQUENCE)
-              if (uid := dicomjson.uid(item, REFERENCED_SOP_INSTANCE))}
-    failed = {}
-    for item in _items(parsed, FAILED_SOP_SEQUENCE):
-        code = dicomjson.integer(item, FAILURE_REASON)
-        why = "no reason given" if code is None else \
-            f"{FAILURE_REASONS.get(code, 'refused')} (0x{code:04X})"
-        failed[dicomjson.uid(item, REFERENCED_SOP_INSTANCE) or "?"] = why
-    return StowResult(frozenset(stored), failed)
-
-
-def _items(ds: Dataset, tag: str) -> list[Dataset]:
-    element = ds.get(tag)
-    values = element.get("Value") if isinstance(element, dict) else None
-    return [item for item in values if isinstance(item, dict)] if isinstance(values, list) \
-        else []
-
-
-async def _single_part(response: httpx.Response, content_type: str,
-                       url: str) -> AsyncIterator[Event]:
-    """A single-part ``application/dicom`` answer, presented as one multipart part."""
-    headers = {"content-type": content_type}
-    # A compressed answer's Content-Length counts compressed bytes; httpx checks it.
-    encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
-    declared = None if encoded else response.headers.get("Content-Length")
-    if declared is not None:
-        headers["content-length"] = declared
-    yield PartStart(headers)
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        yield PartData(chunk)
-    if declared is not None and declared.isdigit() and size != int(declared):
-        raise Truncated(f"got {size} of {declared} bytes", url=url)
-    yield PartEnd()
 
 
 def _search_params(query: Query, fields: Iterable[str]) -> list[tuple[str, str]]:

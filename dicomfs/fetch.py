@@ -12,17 +12,18 @@ transfer that fails be retried alone.
 
 How (mountpoint-s3's prefetcher and gcsfuse's parallel downloads are the models):
 
-* Every transfer is a :class:`Transfer` in one priority queue: a file a program
-  is blocked on (``READER``) starts before read-ahead (``READAHEAD``) and before
-  ``dicomfs prefetch`` (``BACKGROUND``). One transfer per entry: whoever asks for
-  an entry on its way waits for that transfer (and raises its priority).
+* Every transfer is a :class:`~dicomfs.transfer.Transfer` in one priority queue: a
+  file a program is blocked on (``READER``) starts before read-ahead (``READAHEAD``)
+  and before ``dicomfs prefetch`` (``BACKGROUND``). One transfer per entry:
+  whoever asks for an entry on its way waits for that transfer (and raises its
+  priority).
 * At most ``limit`` transfers run at once, never more than ``max_connections``.
   The limit adapts (AIMD): halved when the server says it is overloaded (429,
   503) or transfers fail or stall, and no new transfer starts before its
   ``Retry-After``; raised by one per ``limit`` successes. Read-ahead leaves one
   connection free for readers.
 * Each transfer runs in its own task, bounded by the deadline, with the client's
-  one retry policy (:func:`dicomfs.client.backoff`) and at most ``retries`` retries
+  one retry policy (:func:`dicomfs.transport.backoff`) and at most ``retries`` retries
   in all, so one slow or failed transfer never stalls the others.
 * Nothing unverified enters the cache: a part is written to a temporary file and
   committed only when :mod:`dicomfs.part10` shows it is the whole instance asked
@@ -32,7 +33,6 @@ How (mountpoint-s3's prefetcher and gcsfuse's parallel downloads are the models)
 
 from __future__ import annotations
 
-import copy
 import enum
 import heapq
 import itertools
@@ -41,12 +41,11 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import trio
 
 from dicomfs import part10
-from dicomfs.client import DicomwebClient, backoff, retryable
+from dicomfs.client import DicomwebClient
 from dicomfs.errors import (
     DicomfsError,
     DicomwebError,
@@ -58,7 +57,9 @@ from dicomfs.errors import (
 )
 from dicomfs.flight import ServerHealth
 from dicomfs.multipart import PartData, PartEnd, PartStart
-from dicomfs.store import CachedFile, Key, Store, Writer
+from dicomfs.store import Key, Store, Writer
+from dicomfs.transfer import ArrivingFile, Transfer
+from dicomfs.transport import backoff, retryable
 
 log = logging.getLogger(__name__)
 
@@ -76,60 +77,6 @@ class Priority(enum.IntEnum):
     READER = 0  # a program is blocked in open()
     READAHEAD = 1  # a walking reader will open it soon
     BACKGROUND = 2  # dicomfs prefetch
-
-
-@dataclass(eq=False)
-class Transfer:
-    """One instance on its way into the cache, readable while it arrives.
-
-    Once the part's headers give its length (``size``), what is written so far can
-    be read (``fd``, ``written``); a retry starts the file again from its start.
-    """
-
-    key: Key
-    priority: Priority
-    done: trio.Event = field(default_factory=trio.Event)
-    error: DicomfsError | None = None
-    started: bool = False
-    waiters: int = 0
-    undelivered: bool = False  # a series stream claimed it and ended without it
-    size: int | None = None  # the part's declared length, once its headers are in
-    written: int = 0
-    fd: int = -1  # reads the temporary file being written
-    readers: int = 0  # streaming readers (ArrivingFile) still open
-    pinned: CachedFile | None = None  # the cache entry, kept from eviction for those readers
-    progress: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-    def begin(self, writer: Writer, size: int | None) -> None:
-        """A new attempt's part starts: its bytes become readable as they are written."""
-        if self.size is not None and size is not None and size != self.size:
-            raise ProtocolError(f"the instance was {self.size} bytes, now {size}")
-        self.end()
-        if size is not None:
-            self.size = size
-            self.fd = os.open(writer.path, os.O_RDONLY)
-        self._moved()
-
-    def advance(self, count: int) -> None:
-        self.written += count
-        self._moved()
-
-    def end(self) -> None:
-        """This attempt is over; what it wrote is no longer readable through it."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self.written = 0
-
-    def _moved(self) -> None:
-        self.progress.set()
-        self.progress = trio.Event()
-
-    def failure(self) -> DicomfsError:
-        """A fresh copy of the error for one waiter: exceptions carry tracebacks and
-        contexts, and one object raised in many tasks tangles them."""
-        return copy.copy(self.error or DicomfsError("transfer ended without a result"))
 
 
 class FetchEngine:
@@ -451,42 +398,6 @@ class FetchEngine:
             raise ProtocolError(f"an instance of {value} bytes, larger than the cache "
                                 f"({self.store.max_bytes} bytes); raise --cache-size")
         return int(value)
-
-
-class ArrivingFile:
-    """An instance open while it arrives: a read waits for the bytes it asks for, and
-    fails (EIO) at the first byte a broken transfer did not bring. Nothing here is
-    cached until the whole file has passed its checks (see :class:`FetchEngine`)."""
-
-    def __init__(self, engine: FetchEngine, transfer: Transfer) -> None:
-        self.engine = engine
-        self.transfer = transfer
-        self.size = transfer.size or 0
-        self._closed = False
-
-    @property
-    def fd(self) -> int:
-        """The file written so far (-1 between attempts)."""
-        return self.transfer.fd
-
-    async def read(self, offset: int, size: int) -> bytes:
-        """The bytes asked for once they are in; the last ones (and the end of the file)
-        only once the whole file has passed its checks, so that a reader never gets all
-        of an object the checks refuse: it gets EIO instead."""
-        transfer = self.transfer
-        end = min(offset + size, self.size)
-        while True:
-            if transfer.error is not None:
-                raise transfer.failure()
-            ready = transfer.done.is_set() if end >= self.size else transfer.written >= end
-            if transfer.fd >= 0 and ready:
-                return os.pread(transfer.fd, end - offset, offset) if end > offset else b""
-            await transfer.progress.wait()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.engine.abandoned(self.transfer)
 
 
 def write_bounded(store: Store, writer: Writer, data: bytes) -> None:

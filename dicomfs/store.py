@@ -66,7 +66,7 @@ class Key:
 
 class OpenFile(Protocol):
     """A file open for reading: a cache entry (:class:`CachedFile`), or an instance still
-    arriving (``fetch.ArrivingFile``)."""
+    arriving (``transfer.ArrivingFile``)."""
 
     size: int
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomfs.cli import default_cache_dir
+from dicomfs.options import default_cache_dir
 from dicomfs.store import Key
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dicomfs.cli import fuse_helper_argv
+from dicomfs.options import fuse_helper_argv
 
 URL = "http://pacs/dicom-web"
 

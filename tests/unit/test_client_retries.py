@@ -10,7 +10,7 @@ import json
 import pytest
 import trio
 
-import dicomfs.client
+import dicomfs.transport
 from dicomfs import dicomjson
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import (
@@ -48,13 +48,13 @@ async def test_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 def record_backoffs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The delays the client waits before each retry, as they are chosen."""
     delays: list[float] = []
-    choose = dicomfs.client.backoff
+    choose = dicomfs.transport.backoff
 
     def recorded(attempt: int, exc: DicomwebError) -> float:
         delays.append(choose(attempt, exc))
         return delays[-1]
 
-    monkeypatch.setattr(dicomfs.client, "backoff", recorded)
+    monkeypatch.setattr(dicomfs.transport, "backoff", recorded)
     return delays
 
 

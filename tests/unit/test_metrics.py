@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dicomfs.cli import fuse_helper_argv
 from dicomfs.metrics import KINDS, parse_address, request_kind
+from dicomfs.options import fuse_helper_argv
 from tests.support.netem import _ResponseBodies
 
 

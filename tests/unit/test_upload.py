@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dicomfs.cli import build_parser, fuse_helper_argv
 from dicomfs.client import ClientConfig, DicomwebClient
 from dicomfs.errors import Conflict, ServerError
+from dicomfs.options import build_parser, fuse_helper_argv
 from tests.support import demo_uid
 from tests.support.fakeserver import Reply, Seen, serving, stow_refusing
 from tests.support.tiny import upload_instance
