@@ -231,13 +231,23 @@ class Proxy:
         with self._count_lock:
             self.open_connections += 1
             self.peak_connections = max(self.peak_connections, self.open_connections)
-        try:
-            self._serve_one(conn)
-        finally:
-            with self._count_lock:
-                self.open_connections -= 1
+        released = threading.Event()
 
-    def _serve_one(self, conn: socket.socket) -> None:
+        def release() -> None:
+            """The connection stops counting as open just before the client can see the
+            end of its answer: it may open the next one at once, before this thread has
+            closed this one (which counted one too many on a busy machine)."""
+            with self._count_lock:
+                if not released.is_set():
+                    released.set()
+                    self.open_connections -= 1
+
+        try:
+            self._serve_one(conn, release)
+        finally:
+            release()
+
+    def _serve_one(self, conn: socket.socket, release: Callable[[], None]) -> None:
         conn.settimeout(self.io_timeout)
         reset = False
         try:
@@ -264,9 +274,10 @@ class Proxy:
                 self.stop_event.wait(action.seconds)
                 return
             if isinstance(action, Answer):
+                release()
                 self._answer(conn, action)
                 return
-            reset = self._forward(conn, method, target, headers, body, action)
+            reset = self._forward(conn, method, target, headers, body, action, release)
         except (OSError, ValueError) as exc:
             if not self.stop_event.is_set():
                 self.errors.append(f"{type(exc).__name__}: {exc}")
@@ -274,6 +285,7 @@ class Proxy:
             if reset:
                 _abort(conn)
             else:
+                release()
                 with contextlib.suppress(OSError):
                     conn.close()
 
@@ -285,7 +297,8 @@ class Proxy:
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + action.body)
 
     def _forward(self, conn: socket.socket, method: str, target: str,
-                 headers: list[tuple[str, str]], body: bytes, action: Forward | Cut) -> bool:
+                 headers: list[tuple[str, str]], body: bytes, action: Forward | Cut,
+                 release: Callable[[], None]) -> bool:
         """Relay one exchange; returns True when the client connection must be reset."""
         with socket.create_connection(self.upstream, timeout=self.io_timeout) as up:
             kept = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP]
@@ -303,6 +316,8 @@ class Proxy:
             new_head = [lines[0].decode("latin-1")]
             new_head += [f"{n}: {v}" for n, v in answer_headers]
             new_head.append("Connection: close")
+            if declared == 0:
+                release()
             conn.sendall(("\r\n".join(new_head) + "\r\n\r\n").encode("latin-1"))
             budget = None
             if isinstance(action, Cut) and declared != 0:
@@ -319,6 +334,8 @@ class Proxy:
                         self.stop_event.wait(action.stall)
                     return action.reset
                 if data:
+                    if declared is not None and sent + len(data) >= declared:
+                        release()
                     conn.sendall(data)
                     sent += len(data)
                 if declared is not None and sent >= declared:
