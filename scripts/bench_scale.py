@@ -123,6 +123,18 @@ class Bench:
         return row
 
 
+def kinds(request_lines: Sequence[str]) -> str:
+    """``21 studies, 16 series``: the requests by what they ask for (QIDO level or WADO)."""
+    counts: Counter[str] = Counter()
+    for line in request_lines:
+        path = line.split(" ")[1].split("?")[0].rstrip("/").split("/")
+        if path[-1] in ("studies", "series", "instances") and "?" in line:
+            counts[path[-1]] += 1
+        else:
+            counts[path[-1] if path[-1] in ("metadata", "rendered") else "other"] += 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+
+
 def _serving_pid(point: Path, timeout: float = 10.0) -> int:
     """The pid of the ``dicomfs mount ... --foreground`` process serving ``point``."""
     deadline = time.monotonic() + timeout
@@ -179,7 +191,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             walk = [bench.ls("day walk", step, path) for step, path in steps]
             bench.rows.append(Row("day walk", "total", sum(r.seconds for r in walk),
                                   sum(r.requests for r in walk), walk[-1].entries,
-                                  f"mount RSS {rss_mb(pid):.0f} MB"))
+                                  f"mount RSS {rss_mb(pid):.0f} MB",
+                                  [line for r in walk for line in r.request_lines]))
         with bench.mount() as (mnt, _):
             bench.ls("month", f"ls /dates/{year}/{month} ({expect_month} days' studies)",
                      mnt / "dates" / year / month)
@@ -196,10 +209,12 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def print_table(rows: Sequence[Row], verbose: bool) -> None:
-    print(f"{'walk':<10} {'step':<52} {'requests':>8} {'seconds':>8} {'entries':>8}  note")
+    print(f"{'walk':<10} {'step':<52} {'requests':>8} {'seconds':>8} {'entries':>8}  "
+          "requests by kind; note")
     for r in rows:
         entries = "" if r.entries is None else str(r.entries)
-        print(f"{r.walk:<10} {r.step:<52} {r.requests:>8} {r.seconds:>8.2f} {entries:>8}  {r.note}")
+        note = "; ".join(x for x in (kinds(r.request_lines), r.note) if x)
+        print(f"{r.walk:<10} {r.step:<52} {r.requests:>8} {r.seconds:>8.2f} {entries:>8}  {note}")
         if verbose:
             for line in r.request_lines:
                 print(f"{'':<12}{line}")
