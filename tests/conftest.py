@@ -7,6 +7,9 @@ Fixtures:
 * ``orthanc`` (session): a :class:`~tests.support.LocalOrthanc` with temporary storage, loaded
   with the archive. Fails (never skips) when Orthanc is missing.
 * ``orthanc_factory`` (function): more Orthancs, e.g. with ``users=`` for authentication tests.
+* ``scale_server`` (session): a private Orthanc holding the generated archive of
+  :data:`SCALE_STUDIES` one-instance studies (:mod:`tests.support.scale`), loaded once into
+  ``TESTDATA_DIR/scale`` and copied for each session (about 20 s the first time, 2-4 s after).
 * ``tiny_pacs`` (session): a second, independent server (:class:`~tests.support.tinypacs.
   LocalTinyPacs`) loaded over STOW-RS with :func:`tiny_pacs_files` of the archive; fails (never
   skips) when tiny-pacs is missing. ``tiny_pacs_factory`` (function) starts more, e.g. with
@@ -44,11 +47,13 @@ from tests.support import LocalOrthanc, OrthancError, SampleArchive, SampleFile,
 from tests.support.mounts import force_unmount, is_mounted, run_quietly
 from tests.support.netem import LinkProxy
 from tests.support.orthanc import find_orthanc
+from tests.support.scale import copied_scale_orthanc
 from tests.support.tinypacs import LocalTinyPacs, TinyPacsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTDATA_DIR = Path(os.environ.get("DICOMFS_TESTDATA") or REPO_ROOT / ".cache" / "testdata")
 CT_SLICES = 400
+SCALE_STUDIES = 3000  # enough for paged listings (page size 1000) and sparse days
 MOUNT_TIMEOUT = 20.0
 
 
@@ -99,6 +104,20 @@ def orthanc(archive: SampleArchive,
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def scale_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOrthanc]:
+    """A private Orthanc holding the generated archive of SCALE_STUDIES studies."""
+    if find_orthanc() is None:
+        pytest.fail("Orthanc is not installed: run scripts/test or apt-get install orthanc "
+                    "orthanc-dicomweb", pytrace=False)
+    try:
+        with copied_scale_orthanc(TESTDATA_DIR / "scale", SCALE_STUDIES,
+                                  tmp_path_factory.mktemp("scale")) as server:
+            yield server
+    except OrthancError as exc:
+        pytest.fail(f"the scale Orthanc did not start or load: {exc}", pytrace=False)
 
 
 class OrthancFactory(Protocol):
