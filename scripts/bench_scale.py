@@ -14,7 +14,9 @@ query strings included), and runs each walk on a fresh mount with an empty cache
 * ``ls /studies | head``: seconds to the first line, and ``ls -1U`` (unsorted, which GNU ls
   prints as it reads) to its first line; then the seconds until the whole listing.
 
-The mount's own start-up requests are not counted (counters are reset once it is ready).
+The mount's own start-up requests are not counted (counters are reset once it is ready);
+each step's count includes what it started in the background (read-ahead): the next step
+begins once no request has been seen for a second.
 Prints one table: requests, seconds and results per walk.
 """
 
@@ -81,6 +83,7 @@ class Bench:
         subprocess.run(cmd, check=True, timeout=120)
         try:
             pid = _serving_pid(point)
+            self.settle()
             self.proxy.reset()
             yield point, pid
         finally:
@@ -90,6 +93,16 @@ class Bench:
                 force_unmount(point)
             shutil.rmtree(cache, ignore_errors=True)
 
+    def settle(self, quiet: float = 1.0, limit: float = 60.0) -> None:
+        """Wait until the proxy has seen no new request for ``quiet`` seconds, so requests a
+        step starts in the background (read-ahead) count for that step, not the next."""
+        deadline = time.monotonic() + limit
+        seen, since = self.proxy.requests, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet:
+            time.sleep(0.05)
+            if self.proxy.requests != seen:
+                seen, since = self.proxy.requests, time.monotonic()
+
     def ls(self, walk: str, step: str, path: Path, *, label: str | None = None) -> Row:
         """Time ``ls -1 path`` and count the requests it caused."""
         self.proxy.reset()
@@ -97,6 +110,7 @@ class Bench:
         done = subprocess.run(["ls", "-1", str(path)], capture_output=True, text=True,
                               timeout=600, check=False)
         seconds = time.perf_counter() - started
+        self.settle()
         lines = self.proxy.reset().request_lines
         note = "" if done.returncode == 0 else f"ls failed: {done.stderr.strip()[:80]}"
         row = Row(walk, label or step, seconds, len(lines), len(done.stdout.splitlines()),
@@ -115,6 +129,7 @@ class Bench:
         rest = proc.stdout.read()
         proc.wait(600)
         total = time.perf_counter() - started
+        self.settle()
         lines = self.proxy.reset().request_lines
         entries = (1 if first else 0) + len(rest.splitlines())
         row = Row(walk, step, first_at, len(lines), entries, f"whole listing {total:.2f} s",
