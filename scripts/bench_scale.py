@@ -14,9 +14,10 @@ query strings included), and runs each walk on a fresh mount with an empty cache
 * ``ls /studies | head``: seconds to the first line, and ``ls -1U`` (unsorted, which GNU ls
   prints as it reads) to its first line; then the seconds until the whole listing.
 
-The mount's own start-up requests are not counted (counters are reset once it is ready);
-each step's count includes what it started in the background (read-ahead): the next step
-begins once no request has been seen for a second.
+The mount's own start-up requests are not counted (counters are reset once it is ready).
+Requests are counted while the command runs ("requests"), then after it ("later": read-ahead
+the step started in the background) until no request has been seen for a second; the next
+step starts then.
 Prints one table: requests, seconds and results per walk.
 """
 
@@ -56,6 +57,7 @@ class Row:
     entries: int | None = None
     note: str = ""
     request_lines: list[str] = field(default_factory=list)
+    later: list[str] = field(default_factory=list)  # after the command, until quiet
 
 
 class Bench:
@@ -103,6 +105,12 @@ class Bench:
             if self.proxy.requests != seen:
                 seen, since = self.proxy.requests, time.monotonic()
 
+    def collect(self) -> tuple[list[str], list[str]]:
+        """Requests made so far, and those made after, until the mount is quiet again."""
+        during = self.proxy.reset().request_lines
+        self.settle()
+        return during, self.proxy.reset().request_lines
+
     def ls(self, walk: str, step: str, path: Path, *, label: str | None = None) -> Row:
         """Time ``ls -1 path`` and count the requests it caused."""
         self.proxy.reset()
@@ -110,11 +118,10 @@ class Bench:
         done = subprocess.run(["ls", "-1", str(path)], capture_output=True, text=True,
                               timeout=600, check=False)
         seconds = time.perf_counter() - started
-        self.settle()
-        lines = self.proxy.reset().request_lines
+        lines, later = self.collect()
         note = "" if done.returncode == 0 else f"ls failed: {done.stderr.strip()[:80]}"
         row = Row(walk, label or step, seconds, len(lines), len(done.stdout.splitlines()),
-                  note, lines)
+                  note, lines, later)
         self.rows.append(row)
         return row
 
@@ -129,11 +136,10 @@ class Bench:
         rest = proc.stdout.read()
         proc.wait(600)
         total = time.perf_counter() - started
-        self.settle()
-        lines = self.proxy.reset().request_lines
+        lines, later = self.collect()
         entries = (1 if first else 0) + len(rest.splitlines())
         row = Row(walk, step, first_at, len(lines), entries, f"whole listing {total:.2f} s",
-                  lines)
+                  lines, later)
         self.rows.append(row)
         return row
 
@@ -207,7 +213,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             bench.rows.append(Row("day walk", "total", sum(r.seconds for r in walk),
                                   sum(r.requests for r in walk), walk[-1].entries,
                                   f"mount RSS {rss_mb(pid):.0f} MB",
-                                  [line for r in walk for line in r.request_lines]))
+                                  [line for r in walk for line in r.request_lines],
+                                  [line for r in walk for line in r.later]))
         with bench.mount() as (mnt, _):
             bench.ls("month", f"ls /dates/{year}/{month} ({expect_month} days' studies)",
                      mnt / "dates" / year / month)
@@ -224,15 +231,19 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def print_table(rows: Sequence[Row], verbose: bool) -> None:
-    print(f"{'walk':<10} {'step':<52} {'requests':>8} {'seconds':>8} {'entries':>8}  "
-          "requests by kind; note")
+    print(f"{'walk':<10} {'step':<50} {'requests':>8} {'later':>6} {'seconds':>8} "
+          f"{'entries':>7}  requests by kind (+ later); note")
     for r in rows:
         entries = "" if r.entries is None else str(r.entries)
-        note = "; ".join(x for x in (kinds(r.request_lines), r.note) if x)
-        print(f"{r.walk:<10} {r.step:<52} {r.requests:>8} {r.seconds:>8.2f} {entries:>8}  {note}")
+        later = f"+ {kinds(r.later)}" if r.later else ""
+        note = "; ".join(x for x in (kinds(r.request_lines), later, r.note) if x)
+        print(f"{r.walk:<10} {r.step:<50} {r.requests:>8} {len(r.later):>6} {r.seconds:>8.2f} "
+              f"{entries:>7}  {note}")
         if verbose:
             for line in r.request_lines:
                 print(f"{'':<12}{line}")
+            for line in r.later:
+                print(f"{'':<12}(later) {line}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
