@@ -7,7 +7,8 @@ benchmarks.
 
 What an archive of ``n`` studies holds (:func:`scale_studies`, deterministic for ``n``):
 
-* one study, one series, one 8x8 CT/MR/CR/US/DX instance per study (about 1 KB each);
+* one study, one series, one 8x8 instance per study (:func:`tiny_instance`, secondary
+  captures labelled CT/MR/CR/US/DX, under 1 KB each);
 * study dates over ten years (2015-2024): weekdays busy, weekends quiet, about one weekday in
   ten closed, the whole of :data:`EMPTY_MONTH` empty, so there are days with several studies,
   days with none, and an empty month; :data:`BUSY_DAY` always has studies;
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import io
 import json
 import random
 import shutil
@@ -39,29 +39,27 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-
 from tests.support.orthanc import LocalOrthanc, OrthancError
-from tests.support.sample import _locked, demo_uid, part10_dataset
+from tests.support.sample import _locked, demo_uid
+from tests.support.tiny import tiny_instance
 
 #: Bump when the recipe changes: cached ZIPs and Orthanc storage folders are keyed by it.
-SCALE_VERSION = 1
+SCALE_VERSION = 2
 SEED = 18
 FIRST_DAY = dt.date(2015, 1, 1)
 LAST_DAY = dt.date(2024, 12, 31)
 EMPTY_MONTH = (2017, 8)  # no study at all: an empty month folder
 BUSY_DAY = dt.date(2020, 6, 15)  # always has studies (the example day)
-ROWS = COLUMNS = 8
 READY_MARK = "scale-loaded.json"
 
-#: (modality, SOP class, study descriptions)
-MODALITIES = (
-    ("CT", "1.2.840.10008.5.1.4.1.1.2", ("CT CHEST", "CT ABDOMEN PELVIS", "CT HEAD")),
-    ("MR", "1.2.840.10008.5.1.4.1.1.4", ("MR BRAIN", "MR KNEE", "MR SPINE LUMBAR")),
-    ("CR", "1.2.840.10008.5.1.4.1.1.1", ("XR CHEST PA", "XR HAND")),
-    ("US", "1.2.840.10008.5.1.4.1.1.6.1", ("US ABDOMEN", "US THYROID")),
-    ("DX", "1.2.840.10008.5.1.4.1.1.1.1", ("DX KNEE", "DX SHOULDER")),
-)
+#: modality -> study descriptions
+MODALITIES = {
+    "CT": ("CT CHEST", "CT ABDOMEN PELVIS", "CT HEAD"),
+    "MR": ("MR BRAIN", "MR KNEE", "MR SPINE LUMBAR"),
+    "CR": ("XR CHEST PA", "XR HAND"),
+    "US": ("US ABDOMEN", "US THYROID"),
+    "DX": ("DX KNEE", "DX SHOULDER"),
+}
 
 #: Family names from every letter, common letters more often (each name is one draw).
 FAMILY_NAMES = (
@@ -91,13 +89,10 @@ class ScaleStudy:
     series_uid: str
     sop_uid: str
     study_date: str  # YYYYMMDD
-    study_time: str
     patient_id: str
     patient_name: str  # DICOM PN, FAMILY^Given
     modality: str
-    sop_class: str
     description: str
-    accession: str
 
 
 def _open_days(rng: random.Random) -> tuple[list[dt.date], list[float]]:
@@ -142,7 +137,7 @@ def scale_studies(n: int) -> tuple[ScaleStudy, ...]:
     studies = []
     for i, date in enumerate(dates):
         patient = int(patients * rng.random() ** 1.7)  # skewed: low numbers have many studies
-        modality, sop_class, descriptions = rng.choice(MODALITIES)
+        modality = rng.choice(sorted(MODALITIES))
         key = f"scale/{n}/{i}"
         studies.append(ScaleStudy(
             index=i,
@@ -150,43 +145,12 @@ def scale_studies(n: int) -> tuple[ScaleStudy, ...]:
             series_uid=demo_uid(f"{key}/series"),
             sop_uid=demo_uid(f"{key}/instance"),
             study_date=date.strftime("%Y%m%d"),
-            study_time=f"{rng.randrange(7, 20):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}",
             patient_id=f"P{patient + 1:06d}",
             patient_name=names[patient],
             modality=modality,
-            sop_class=sop_class,
-            description=rng.choice(descriptions),
-            accession=f"A{i + 1:08d}",
+            description=rng.choice(MODALITIES[modality]),
         ))
     return tuple(studies)
-
-
-def _dataset(study: ScaleStudy, pixels: bytes) -> Dataset:
-    ds = part10_dataset(study.sop_class, study.sop_uid)
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = study.sop_class
-    ds.SOPInstanceUID = study.sop_uid
-    ds.StudyDate = ds.SeriesDate = study.study_date
-    ds.StudyTime = ds.SeriesTime = study.study_time
-    ds.AccessionNumber = study.accession
-    ds.Modality = study.modality
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = study.description
-    ds.PatientName = study.patient_name
-    ds.PatientID = study.patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.StudyInstanceUID = study.study_uid
-    ds.SeriesInstanceUID = study.series_uid
-    ds.StudyID = study.accession[-4:]
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = ROWS, COLUMNS
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels
-    return ds
 
 
 def zip_path(root: Path, n: int) -> Path:
@@ -208,10 +172,13 @@ def build_zip(root: Path, n: int) -> Path:
         staging = dest.with_name(dest.name + ".building")
         with zipfile.ZipFile(staging, "w", compression=zipfile.ZIP_STORED) as zf:
             for study in scale_studies(n):
-                pixels = bytes((study.index + k) % 256 for k in range(2 * ROWS * COLUMNS))
-                buf = io.BytesIO()
-                _dataset(study, pixels).save_as(buf, enforce_file_format=True)
-                zf.writestr(f"{study.index:07d}.dcm", buf.getvalue())
+                zf.writestr(f"{study.index:07d}.dcm", tiny_instance(
+                    study_uid=study.study_uid, series_uid=study.series_uid,
+                    sop_uid=study.sop_uid, patient_name=study.patient_name,
+                    patient_id=study.patient_id, study_date=study.study_date,
+                    study_description=study.description, series_number=1,
+                    modality=study.modality, series_description=study.description,
+                    instance_number=1))
         staging.rename(dest)
     return dest
 
