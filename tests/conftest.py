@@ -12,17 +12,14 @@ server of the unit tests is in tests/unit/conftest.py.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.support import SampleArchive, build_archive
-from tests.support.harness import REPO_ROOT, LinkFactory
+from tests.support.harness import TESTDATA_DIR, LinkFactory
 from tests.support.netem import LinkProxy
 
-TESTDATA_DIR = Path(os.environ.get("DICOMFS_TESTDATA") or REPO_ROOT / ".cache" / "testdata")
 CT_SLICES = 400
 
 

@@ -35,6 +35,7 @@ import pytest
 from tests.support import LocalOrthanc, OrthancError, SampleArchive, SampleFile
 from tests.support.harness import (
     MOUNT_TIMEOUT,
+    TESTDATA_DIR,
     Mount,
     MountFactory,
     OrthancFactory,
@@ -43,6 +44,7 @@ from tests.support.harness import (
 )
 from tests.support.mounts import MountError, mount_dicomfs
 from tests.support.orthanc import find_orthanc
+from tests.support.scale import TEST_STUDIES, copied_scale_orthanc
 from tests.support.tinypacs import LocalTinyPacs, TinyPacsError
 
 # --------------------------------------------------------------------------- FUSE
@@ -84,6 +86,21 @@ def _start_orthanc(storage: Path, **kwargs: Any) -> LocalOrthanc:
         return server.start()
     except OrthancError as exc:
         pytest.fail(f"Orthanc did not start: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def scale_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalOrthanc]:
+    """A private Orthanc holding the generated archive of TEST_STUDIES one-instance studies
+    (tests/support/scale.py), loaded once into TESTDATA_DIR/scale and copied per session."""
+    if find_orthanc() is None:
+        pytest.fail("Orthanc is not installed: run scripts/test or apt-get install orthanc "
+                    "orthanc-dicomweb", pytrace=False)
+    try:
+        with copied_scale_orthanc(TESTDATA_DIR / "scale", TEST_STUDIES,
+                                  tmp_path_factory.mktemp("scale")) as server:
+            yield server
+    except OrthancError as exc:
+        pytest.fail(f"the scale Orthanc did not start or load: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ from tests.support.netem import LinkProxy
 from tests.support.tinypacs import LocalTinyPacs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Built data (sample archive, generated large archives), kept between sessions.
+TESTDATA_DIR = Path(os.environ.get("DICOMFS_TESTDATA") or REPO_ROOT / ".cache" / "testdata")
 MOUNT_TIMEOUT = 20.0
 
 
