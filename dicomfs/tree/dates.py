@@ -7,9 +7,10 @@ folder comes from that one listing: only dates with studies show, and
 ``/dates/unknown`` holds the studies without a usable date. On a larger server,
 listing everything would take minutes, so each folder asks only for itself: years
 (from 1985, the year of ACR-NEMA, to this one) and months are a fixed calendar, a
-month lists the days that have studies with one ``StudyDate`` range query, a day
-its studies with one query; studies dated outside the calendar or not at all are
-found through /studies and /query there.
+month lists the days that have studies with one ``StudyDate`` range query (its first
+page; a month busier than a page shows all its days instead), a day its studies with
+one query. A day is three requests away whatever the server's size. Studies dated
+outside the calendar or not at all are found through /studies and /query there.
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ class DatesView(NamedView):
             return {}
         if len(prefix) < MONTH:
             return self.memo(folder, CALENDAR, lambda: self._folders(_calendar(prefix)))
-        studies = await self.scope.studies({"StudyDate": _date_range(prefix)})
         if len(prefix) == MONTH:
-            return self.memo(folder, studies, lambda: self._folders(
-                {day for ds in studies if (day := _day(ds)).startswith(prefix)}))
+            month = await self.scope.few({"StudyDate": _date_range(prefix)})
+            if month is None:  # more than a page: its days as a calendar, each asked alone
+                return self.memo(folder, CALENDAR, lambda: self._folders(_calendar(prefix)))
+            return self.memo(folder, month, lambda: self._folders(
+                {day for ds in month if (day := _day(ds)).startswith(prefix)}))
+        studies = await self.scope.studies({"StudyDate": _date_range(prefix)})
         return self.memo(folder, studies, lambda: named_studies(
             self.contents, folder, [ds for ds in studies if _day(ds) == prefix],
             names.dated_study_folder))
@@ -87,18 +91,24 @@ class DatesView(NamedView):
         return {name: self.nodes.add(self, Kind.FOLDER, (self, name), name, group=name)
                 for name in prefixes}
 
+
 def _day(ds: Dataset) -> str:
     return names.iso_date(dicomjson.text(ds, dicomjson.STUDY_DATE)) or names.UNKNOWN_DATE
 
 
 def _calendar(prefix: str) -> set[str]:
-    """Years up to this one; a year's months, up to this month in this year."""
+    """Years up to this one; a year's months, a month's days, none after today."""
     now = time.localtime()
     if not prefix:
         return {str(year) for year in range(FIRST_YEAR, now.tm_year + 1)}
-    year = int(prefix)
-    last = now.tm_mon if year == now.tm_year else 12
-    return {f"{year}-{month:02}" for month in range(1, last + 1)}
+    year = int(prefix[:4])
+    if len(prefix) == YEAR:
+        last = now.tm_mon if year == now.tm_year else 12
+        return {f"{year}-{month:02}" for month in range(1, last + 1)}
+    month = int(prefix[5:7])
+    last = now.tm_mday if (year, month) == (now.tm_year, now.tm_mon) else \
+        calendar.monthrange(year, month)[1]
+    return {f"{prefix}-{day:02}" for day in range(1, last + 1)}
 
 
 def _date_range(prefix: str) -> str:

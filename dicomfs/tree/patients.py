@@ -7,8 +7,10 @@ On a server with few studies (one QIDO page, see ``Listings.few_studies``) the
 patients come from that one listing. On a larger one, listing everything to show
 one patient would take minutes: /patients then holds a folder per initial, ``A`` to
 ``Z``, each listing the patients whose family name starts with it (one
-``PatientName=S*`` query, case-insensitive on most servers), and a patient's folder
-comes from that listing. Names that start otherwise are found through /query there.
+``PatientName=S*`` query, case-insensitive on most servers); an initial with more
+studies than a page holds a folder per two letters (``SA`` to ``SZ``), and so on, so
+that every folder is one page away. A patient's folder comes from its letters' listing.
+Names that start otherwise are found through /query there.
 """
 
 from __future__ import annotations
@@ -22,19 +24,19 @@ from dicomfs.tree.scope import Scope
 from dicomfs.tree.studies import NamedStudyFolders, named_studies
 from dicomfs.tree.view import LIST_AHEAD_FOLDERS, Grouped, NamedView
 
-INITIALS = string.ascii_uppercase
+LETTERS = string.ascii_uppercase
 
 
 class PatientsView(NamedView):
-    """/patients, its initials' folders on a large server (``group`` one letter), and
-    each patient's folder (``group`` the patient's key, ``initial`` its letter)."""
+    """/patients, its letters' folders on a large server (``group`` the letters), and
+    each patient's folder (``group`` the patient's key)."""
 
     def __init__(self, nodes: Nodes, scope: Scope, contents: NamedStudyFolders) -> None:
         super().__init__(nodes)
         self.scope = scope
         self.contents = contents
         self.large = False  # the last listing found the server too large to list whole
-        self._initial: dict[int, str] = {}  # a large server's patient folder -> its letter
+        self._letters: dict[int, str] = {}  # a large server's patient folder -> its letters
         self._by_patient = Grouped(patient_key)
 
     async def names(self, folder: Node) -> dict[str, Node]:
@@ -42,21 +44,20 @@ class PatientsView(NamedView):
         self.large = few is None
         group = folder.group
         if "\n" in group:  # a patient's folder: its key
-            initial = self._initial.get(folder.inode)
-            if few is not None:
-                studies = few
-            elif initial is not None:
-                studies = await self._with_initial(initial)
-            else:  # made while the server was small
+            letters = self._letters.get(folder.inode)
+            studies = few if few is not None else \
+                await self._starting(letters) if letters is not None else None
+            if studies is None:  # made while the server was small
                 return {}
             mine = self._by_patient(studies).get(group, [])
             return self.memo(folder, studies, lambda: named_studies(
                 self.contents, folder, mine, names.study_folder))
-        if few is None and not group:
-            return self.memo(folder, INITIALS, lambda: {
-                letter: self.nodes.add(self, Kind.FOLDER, (self, letter), letter, group=letter)
-                for letter in INITIALS})
-        studies = few if few is not None else await self._with_initial(group)
+        studies = few if few is not None else await self._starting(group) if group else None
+        if studies is None:  # /patients, or letters with more than a page: a letter more
+            return self.memo(folder, LETTERS, lambda: {
+                group + letter: self.nodes.add(self, Kind.FOLDER, (self, group + letter),
+                                               group + letter, group=group + letter)
+                for letter in LETTERS})
         by_patient = self._by_patient(studies)
         return self.memo(folder, studies, lambda: self._name_patients(folder, by_patient))
 
@@ -78,12 +79,14 @@ class PatientsView(NamedView):
             child = children[name] = self.nodes.add(self, Kind.FOLDER, (self, folder.group, key),
                                                     name, group=key)
             if folder.group:
-                self._initial[child.inode] = folder.group
+                self._letters[child.inode] = folder.group
         return children
 
-    async def _with_initial(self, initial: str) -> list[Dataset]:
-        """The studies of the patients whose family name starts with ``initial``."""
-        return await self.scope.studies({"PatientName": f"{initial}*"})
+    async def _starting(self, letters: str) -> list[Dataset] | None:
+        """The studies of the patients whose family name starts with ``letters``, if they
+        fit one page."""
+        return await self.scope.few({"PatientName": f"{letters}*"})
+
 
 def patient_key(ds: Dataset) -> str:
     """Who a study belongs to, as far as QIDO tells: the same ID and the same name."""

@@ -34,10 +34,12 @@ class Scope:
             return Arriving(await self.studies(query))
         return await self.archive.follow_studies({**self.query, **(query or {})})
 
-    async def few(self) -> list[Dataset] | None:
-        """All the scope's studies if the server holds few (one QIDO page), else None:
-        see ``Listings.few_studies``."""
-        return await self.archive.few_studies(self.query)
+    async def few(self, query: Mapping[str, str] | None = None) -> list[Dataset] | None:
+        """The studies ``query`` finds within the scope if they fit one QIDO page, else
+        None (see ``Listings.few_studies``): a folder then shows finer folders instead."""
+        if query and self._narrower(query):
+            return await self.studies(query)
+        return await self.archive.few_studies({**self.query, **(query or {})})
 
     def _narrower(self, query: Mapping[str, str]) -> bool:
         return any(self.query.get(key, value) != value for key, value in query.items())

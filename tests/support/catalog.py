@@ -33,7 +33,7 @@ class FakeCatalog:
         self.page_size = page_size
         self.asked: list[dict[str, str]] = []
         self.ahead: list[tuple[str, str | None]] = []
-        self.large = False
+        self.large: set[tuple[tuple[str, str], ...]] = set()  # queries found large
 
     async def studies(self, query: Query = ()) -> list[Dataset]:
         wanted = dict(query)
@@ -43,12 +43,15 @@ class FakeCatalog:
         return [ds for ds in self.all if _matches(ds, wanted)]
 
     async def few_studies(self, query: Query = ()) -> list[Dataset] | None:
-        """Like the archive's: one query, and a server found large stays so."""
-        if self.large:
+        """Like the archive's: one query, and a query found large stays so."""
+        key = tuple(sorted(dict(query).items()))
+        if key in self.large:
             return None
         found = await self.studies(query)
-        self.large = len(found) >= self.page_size
-        return None if self.large else found
+        if len(found) >= self.page_size:
+            self.large.add(key)
+            return None
+        return found
 
     async def follow_studies(self, query: Query = ()) -> Arriving:
         return Arriving(await self.studies(query))

@@ -44,7 +44,7 @@ async def test_a_small_server_shows_dates_and_patients_from_one_listing() -> Non
 
 
 async def test_a_large_server_dates_ask_a_month_and_a_day() -> None:
-    catalog = FakeCatalog(STUDIES, page_size=2)
+    catalog = FakeCatalog(STUDIES, page_size=4)
     tree = Tree(catalog)
     years = await listed(tree, "dates")
     assert years[0] == "1985" and years[-1] == str(time.localtime().tm_year)
@@ -63,7 +63,7 @@ async def test_a_large_server_dates_ask_a_month_and_a_day() -> None:
 
 
 async def test_a_large_server_patients_by_initial() -> None:
-    catalog = FakeCatalog(STUDIES, page_size=2)
+    catalog = FakeCatalog(STUDIES, page_size=4)
     tree = Tree(catalog)
     initials = await listed(tree, "patients")
     assert initials[0] == "A" and initials[-1] == "Z" and len(initials) == 26
@@ -77,9 +77,26 @@ async def test_a_large_server_patients_by_initial() -> None:
     assert catalog.ahead == []
 
 
+async def test_busy_folders_show_finer_folders() -> None:
+    """A month or an initial with more than a page: its days as a calendar (each asked
+    alone), two-letter folders; so every folder is one page away on any server."""
+    catalog = FakeCatalog(STUDIES, page_size=3)
+    tree = Tree(catalog)
+    days = await listed(tree, "dates", "2020", "2020-06")
+    assert days == [f"2020-06-{day:02}" for day in range(1, 31)]
+    assert len(await listed(tree, "dates", "2020", "2020-06", "2020-06-15")) == 2
+    assert {"StudyDate": "20200615"} in catalog.asked
+    assert len(await listed(tree, "dates", "2020", "2020-06", "2020-06-01")) == 0
+    letters = await listed(tree, "patients", "S")
+    assert letters[0] == "SA" and letters[-1] == "SZ"
+    assert await listed(tree, "patients", "S", "SM") == ["Smith, Ann (P1)"]
+    assert len(await listed(tree, "patients", "S", "SM", "Smith, Ann (P1)")) == 2
+    assert {"PatientName": "SM*"} in catalog.asked
+
+
 async def test_the_scope_narrows_large_server_queries() -> None:
-    catalog = FakeCatalog(STUDIES, page_size=1)
+    catalog = FakeCatalog(STUDIES, page_size=2)
     tree = Tree(catalog, scope={"PatientID": "P1"})
-    assert await listed(tree, "dates", "2020", "2020-06") == ["2020-06-15", "2020-06-16"]
-    assert {"PatientID": "P1", "StudyDate": "20200601-20200630"} in catalog.asked
+    assert len(await listed(tree, "dates", "2020", "2020-06", "2020-06-15")) == 1
+    assert {"PatientID": "P1", "StudyDate": "20200615"} in catalog.asked
     assert all(query.get("PatientID") == "P1" for query in catalog.asked)
