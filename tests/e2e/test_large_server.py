@@ -135,3 +135,29 @@ def test_small_servers_keep_one_listing(mount_factory: MountFactory,
         assert searches(proxy, mark) == [{"limit": "1000", "offset": "0"}]
     days = {names.iso_date(dicomjson.text(ds, dicomjson.STUDY_DATE)) for ds in qido(orthanc)}
     assert years == sorted({day[:4] if day else names.UNKNOWN_DATE for day in days})
+
+
+def test_busy_folders_are_one_page_away(scale_server: LocalOrthanc,
+                                        mount_factory: MountFactory) -> None:
+    """Pages of 20: the month and the initial fill a page, so they show finer folders
+    (every day, two letters) after that one page, and a day is one more search."""
+    with Proxy(scale_server.url, lambda request: Forward()) as proxy:
+        mount = mount_factory(proxy.url("/dicom-web"), args=["--page-size", "20"])
+        month = mount.path / "dates" / YEAR / MONTH
+        mark = len(proxy.seen)
+        assert sorted(os.listdir(month)) == [f"{MONTH}-{day:02}" for day in range(1, 31)]
+        assert searches(proxy, mark) == [
+            {"limit": "20", "offset": "0"},
+            {"StudyDate": f"{YEAR}0601-{YEAR}0630", "limit": "20", "offset": "0"}]
+        mark = len(proxy.seen)
+        listed = sorted(os.listdir(month / DAY))
+        assert [query["StudyDate"] for query in searches(proxy, mark)] == \
+            [DAY.replace("-", "")] * len(searches(proxy, mark))
+        assert listed == named(qido(scale_server, StudyDate=DAY.replace("-", "")),
+                               names.dated_study_folder)
+        letters = sorted(os.listdir(mount.path / "patients" / "S"))
+        assert letters == [f"S{letter}" for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+        mark = len(proxy.seen)
+        smith = os.listdir(mount.path / "patients" / "S" / "SM")
+        assert smith and all(name.upper().startswith("SM") for name in smith)
+        assert {query.get("PatientName") for query in searches(proxy, mark)} <= {"SM*"}
