@@ -128,7 +128,9 @@ class Readahead:
             self._withdraw(study, series, walk.ahead, walk)
             walk.ahead, walk.window = set(), 0
             return
-        if not walk.streamed and self.engine.near and \
+        # Only once a file's size is known: an open is often seen before its file has
+        # arrived, and an unknown size must not pass for a series that fits the cache.
+        if not walk.streamed and self.engine.near and walk.size and \
                 walk.size * len(walk.orders[0]) <= self.store.capacity() // 2:
             walk.streamed = True  # near: one stream, half the CPU of parallel requests
             self.engine.stream(study, series, walk.orders[order])
