@@ -94,8 +94,6 @@ def build_parallel_series(dest: Path) -> list[SeriesRef]:
         for i in range(PARALLEL_SLICES):
             sop = uid(f"instance/{s}/{i}")
             ds = part10_dataset("1.2.840.10008.5.1.4.1.1.2", sop)
-            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-            ds.SOPInstanceUID = sop
             ds.StudyInstanceUID = study
             ds.SeriesInstanceUID = series
             ds.PatientID = "DFS-BENCH"

@@ -484,7 +484,6 @@ def test_files_over_8_mib_are_read_through_read_requests(mount_factory, orthanc_
     server = orthanc_factory()
     sop = "1.2.826.0.1.3680043.10.4243.1.1.1"
     ds = part10_dataset("1.2.840.10008.5.1.4.1.1.7", sop)
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", sop
     ds.StudyInstanceUID, ds.SeriesInstanceUID = sop + ".9", sop + ".8"
     ds.PatientID, ds.Modality = "BIG-1", "OT"
     ds.Rows = ds.Columns = 2400

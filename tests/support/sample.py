@@ -103,9 +103,12 @@ def _file_meta(sop_class: str, sop_uid: str, transfer_syntax: str) -> FileMetaDa
 
 def part10_dataset(sop_class: str, sop_uid: str,
                    transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
-    """An empty dataset whose ``file_meta`` makes it a Part 10 file of ``sop_uid``."""
+    """A dataset of ``sop_uid`` (its SOP class and instance UIDs) whose ``file_meta``
+    makes it a Part 10 file."""
     ds = Dataset()
     ds.file_meta = _file_meta(sop_class, sop_uid, transfer_syntax)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
     return ds
 
 
@@ -517,8 +520,6 @@ def _big_dataset(frames: int) -> Dataset:
     ds = part10_dataset(ENHANCED_CT_IMAGE_STORAGE, sop_uid)
     ds.SpecificCharacterSet = spec.patient.charset
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
-    ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240801"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "100000"
     ds.AccessionNumber = "DFSACC007"
@@ -612,8 +613,6 @@ def _instance(spec: _Series, i: int, count: int, noise: np.ndarray) -> Dataset:
     ds = part10_dataset(sop_class, sop_uid)
     ds.SpecificCharacterSet = spec.patient.charset
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if spec.localizer else "AXIAL"]
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = spec.study_date
     ds.StudyTime = "090000"
     ds.SeriesTime = ds.ContentTime = f"{hours:02d}{i // 60 % 60:02d}{i % 60:02d}"

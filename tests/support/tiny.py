@@ -27,8 +27,6 @@ def tiny_instance(*, study_uid: str, series_uid: str, sop_uid: str, patient_name
     """A Part 10 secondary capture of 8x8 8-bit pixels; ``None`` numbers are left out."""
     ds = part10_dataset(SECONDARY_CAPTURE, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: any name can be written
-    ds.SOPClassUID = SECONDARY_CAPTURE
-    ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.PatientName = patient_name
@@ -57,8 +55,6 @@ def tiny_instance(*, study_uid: str, series_uid: str, sop_uid: str, patient_name
 def make_dicom(study: str, series: str, sop: str) -> bytes:
     """A small, valid Part 10 secondary-capture instance."""
     ds = part10_dataset("1.2.840.10008.5.1.4.1.1.7", sop)
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = sop
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
     ds.PatientName = "Hostile^Server"
