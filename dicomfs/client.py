@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"dicomfs/{__version__}"
 MAX_JSON_BYTES = 512 * 1024 * 1024
+GROWTH = 4  # a full QIDO page: the next one is this much larger ...
+MAX_PAGE = 16_000  # ... up to this many entries (about 13 MB of study JSON)
 # QIDO return keys worth asking for: they name, date and size the files we show.
 INSTANCE_FIELDS = (
     dicomjson.INSTANCE_NUMBER, dicomjson.CREATION_DATE, dicomjson.CREATION_TIME,
@@ -227,13 +229,20 @@ class DicomwebClient:
         short only when it is shorter than what the server has shown it returns;
         a page with nothing new ends the walk whatever the server claims.
 
-        With ``page_concurrency`` above 1, once a full page shows the listing is
-        long, that many pages are asked at once at the offsets that follow (no
-        server tells the total, so the last ones may come back empty). A capped
-        page puts the walk back to one page at a time from where it was cut.
+        Pages grow (GROWTH times, up to MAX_PAGE) while the server fills them: the
+        first page comes as soon as a ``page_size`` one can, and a long listing takes
+        a few requests, not one per ``page_size`` (Orthanc pays a search over the whole
+        index per page). A grown page that comes back short may be a silent cap rather
+        than the end: the next page, asked at that size, tells (one more request).
+
+        With ``page_concurrency`` above 1, pages keep their size and, once a full page
+        shows the listing is long, that many are asked at once at the offsets that
+        follow (no server tells the total, so the last ones may come back empty). A
+        capped page puts the walk back to one page at a time from where it was cut.
         """
         base = _search_params(query, fields)
-        limit = self.config.page_size
+        limit = filled = self.config.page_size  # filled: the largest page known whole
+        grow = self.config.page_concurrency <= 1
         seen: set[str] = set()
         offset = 0
         batch = 1
@@ -247,11 +256,18 @@ class DicomwebClient:
                     return
                 yield new
                 offset += len(page)
-                if len(page) < limit:
-                    if not warning:
-                        return
-                    limit, batch = len(page), 1  # capped: ask for what it gives, in order
+                if len(page) >= limit:
+                    filled = max(filled, limit)
+                    if grow:
+                        limit = min(limit * GROWTH, max(MAX_PAGE, limit))
+                    continue
+                if warning:
+                    limit, batch, grow = len(page), 1, False  # capped: what it gives, in order
                     break
+                if limit <= filled:
+                    return
+                limit, grow = len(page), False  # the end, or a silent cap: the next page says
+                break
 
     async def _pages(self, path: str, base: list[tuple[str, str]], limit: int,
                      offsets: list[int]) -> list[tuple[list[Dataset], str | None]]:

@@ -78,7 +78,20 @@ async def test_silent_cap_loses_results(fake: FakeServer) -> None:
     async with fake.client(page_size=2) as client:
         found = await client.search_studies()
     assert uids(found, dicomjson.STUDY_UID) == [f"1.2.{i}" for i in range(7)]
-    assert offsets_of(fake.seen[before:]) == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    # The full first page grows the next (8), which the cap cuts short: from there on,
+    # pages of what the server gives.
+    assert offsets_of(fake.seen[before:]) == [(0, 2), (2, 8), (4, 2), (6, 2)]
+
+
+async def test_pages_grow_while_the_server_fills_them(fake: FakeServer) -> None:
+    """A long listing takes a few requests: each full page makes the next one larger; the
+    short page at a grown size is confirmed as the end by one more, empty, page."""
+    items = [study_item(f"1.2.{i}") for i in range(50)]
+    fake.app = qido_pager(items)
+    async with fake.client(page_size=2) as client:
+        found = await client.search_studies()
+    assert uids(found, dicomjson.STUDY_UID) == [f"1.2.{i}" for i in range(50)]
+    assert offsets_of(fake.seen) == [(0, 2), (2, 8), (10, 32), (42, 128), (50, 8)]
 
 
 @pytest.mark.parametrize("warn_always", [False, True], ids=["warn-when-capped", "warn-always"])
@@ -103,8 +116,10 @@ async def test_ignored_offset_ends(fake: FakeServer, ignore_limit: bool) -> None
             found = await client.search_studies()
     got = uids(found, dicomjson.STUDY_UID)
     assert len(got) == len(set(got))
-    assert got == [f"1.2.{i}" for i in range(10 if ignore_limit else 3)]
-    assert len(fake.seen) == 2  # the second page brought nothing new
+    # The grown second page (12) brings the first 10 again, 7 of them new; the next
+    # page brings nothing new and ends the walk.
+    assert got == [f"1.2.{i}" for i in range(10)]
+    assert len(fake.seen) == (2 if ignore_limit else 3)
 
 
 @pytest.mark.parametrize(
