@@ -118,6 +118,7 @@ class Readahead:
                 return
             walk = self._walks[study, series] = _Walk.of(await self.listing(study, series))
             walk.last = first if first in walk.positions[0] else None
+            walk.size = self.store.size(Key(study, series, first, "dcm")) or 0  # read by now
         if instance not in walk.positions[0]:
             return
         walk.size = self.store.size(key) or walk.size

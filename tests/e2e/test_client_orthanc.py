@@ -189,10 +189,11 @@ async def test_paging_studies(orthanc: LocalOrthanc, archive: SampleArchive) -> 
     assert len(paged) == len(set(paged)) == len(archive.studies) > 30
     assert set(paged) == set(default) == set(archive.studies)
     assert len(default) == len(set(default))
-    # Full pages of 3, then a short page (or an empty one) that ends the walk.
+    # Pages of 3, 12, 48 while full; the short one at a grown size is confirmed as the
+    # end by one more request, at the total.
     offsets = [int(r.url.params["offset"]) for r in sent]
-    assert offsets == list(range(0, len(archive.studies) + 1, 3))
-    assert {r.url.params["limit"] for r in sent} == {"3"}
+    assert offsets == [0, 3, 15, len(archive.studies)] and 15 < len(archive.studies) < 63
+    assert [r.url.params["limit"] for r in sent][:3] == ["3", "12", "48"]
     assert requests == ["GET /dicom-web/studies"] * len(offsets)
 
 
@@ -206,8 +207,9 @@ async def test_paging_instances(orthanc: LocalOrthanc, archive: SampleArchive) -
     assert len(found) == len(set(found)) == 400
     assert set(found) == {f.sop_uid for f in archive.series_files(series)}
     offsets = [int(r.url.params["offset"]) for r in sent]
-    assert offsets == list(range(0, 400, 7))  # 57 pages of 7, a short 58th page of 1
-    assert len(requests) == len(offsets) == 58
+    # Pages of 7, 28, 112, then 448 brings the last 253; one more, empty, confirms the end.
+    assert offsets == [0, 7, 35, 147, 400]
+    assert len(requests) == len(offsets)
     assert set(requests) == {f"GET /dicom-web/studies/{study}/series/{series}/instances"}
 
 
