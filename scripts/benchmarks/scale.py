@@ -15,7 +15,8 @@ query strings included), and runs each walk on a fresh mount (``dicomfs mount``,
 * patient: ``ls /patients/<Initial>/<Name (ID)>`` by its full path, and ``ls
   /patients/<Initial>`` on its own mount;
 * /studies: seconds to the first line of ``find /studies -mindepth 1 -maxdepth 1``
-  (without ``-mindepth`` its first line is /studies itself, printed before any listing),
+  (without ``-mindepth`` its first line is /studies itself, printed before any listing;
+  GNU find prints a folder's names by batches of 100,000),
   ``ls -1U`` (unsorted: printed as read) and ``ls`` (sorted: only once the whole listing
   is in), each read as ``| head -1`` does (the pipe closed after the first line); then
   ``ls /studies`` whole, and again on a second mount of the same cache folder.
