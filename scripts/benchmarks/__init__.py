@@ -15,6 +15,10 @@ keeping the hand-written explanations around it, and a plot next to it (.png, an
 -network.png). Run it through ``scripts/bench``, which installs what it needs (it runs
 ``python -m scripts.benchmarks`` from the checkout's root).
 
+The scale section (scale.py; ``--only scale``, never in the default run) walks /dates,
+/patients and /studies on a generated archive of ``--scale-studies`` studies, counting the
+requests (issue 18); it also runs alone as ``python -m scripts.benchmarks.scale``.
+
 On their own: ``python -m scripts.benchmarks.listing`` (``ls`` on 10,000 studies),
 ``.metrics`` (what counting costs) and ``.multipart`` (the parser's throughput).
 """

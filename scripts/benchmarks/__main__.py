@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts import benchmarks
+from scripts.benchmarks import scale
 from scripts.benchmarks.common import REPO, say
 from scripts.benchmarks.loopback import Bench
 from scripts.benchmarks.network import NetworkBench
@@ -30,21 +31,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-1g", action="store_true",
                         help="skip the ~1 GB study (cold read and peak RSS rows)")
     section = parser.add_mutually_exclusive_group()
-    section.add_argument("--only", choices=["network", "latency"],
+    section.add_argument("--only", choices=["network", "latency", "scale"],
                          help="run only the network section (emulated links: readers and "
                          "latency rows; nearly full disk, CPU per GB), or only its latency "
-                         "rows (first bytes by path, ls -R, a big instance)")
+                         "rows (first bytes by path, ls -R, a big instance); or the scale "
+                         "section, never part of the default run (walks on a generated "
+                         "archive of --scale-studies studies, kept under /tmp/scale)")
     section.add_argument("--skip-network", action="store_true",
                          help="skip the network section")
     parser.add_argument("--slow-link-runs", type=int, default=1,
                         help="runs at the slowest emulated link (default 1: each run takes "
                         "minutes); the other links use --runs")
+    parser.add_argument("--scale-studies", type=scale.study_counts, default=None,
+                        help="with --only scale: archive sizes, comma-separated (default "
+                        "20000; 200000 takes ~2 GB and ~10 min to build once)")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "performance.md",
                         help="Markdown report (default docs/performance.md); the plot is "
                         "written next to it with the suffix .png")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.slow_link_runs < 1:
         parser.error("--runs and --slow-link-runs must be at least 1")
+    if args.scale_studies is not None and args.only != "scale":
+        parser.error("--scale-studies goes with --only scale")
     return args
 
 
@@ -54,6 +62,11 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.only == "scale":
+        options = scale.make_parser().parse_args([])
+        options.studies = args.scale_studies or options.studies
+        return scale.run(options, args.output.absolute(), command)
     for tool in ("curl", "rclone", "fusermount3", "pgrep"):
         if not shutil.which(tool):
             say(f"{tool} is missing; run scripts/bench, which installs what is needed")
@@ -82,7 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.facts.update(_date=date, _load_start=load_start,
                        _load_end=" ".join(f"{x:.2f}" for x in os.getloadavg()))
     output = args.output.absolute()
-    command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
     if args.only is None:
         lines = table_lines(bench.measures)
         if args.skip_1g:

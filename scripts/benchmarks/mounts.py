@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from scripts.benchmarks.common import BenchError, say
@@ -50,12 +50,12 @@ class Mounts:
         path.mkdir(parents=True)
         return path
 
-    def dicomfs(self, url: str, cache_dir: Path) -> Mount:
-        """``python -m dicomfs mount URL MNT --cache-dir DIR`` in the background, as a person
-        runs it; ``seconds``: until that command returned (the mount is ready then)."""
+    def dicomfs(self, url: str, cache_dir: Path, args: Sequence[str] = ()) -> Mount:
+        """``python -m dicomfs mount URL MNT --cache-dir DIR [ARGS]`` in the background, as a
+        person runs it; ``seconds``: until that command returned (the mount is ready then)."""
         path, log = self._new_point("dicomfs")
         try:
-            mount = mount_dicomfs(url, path, cache_dir=cache_dir, log_path=log,
+            mount = mount_dicomfs(url, path, cache_dir=cache_dir, log_path=log, args=args,
                                   foreground=False, timeout=180)
         except MountError as exc:
             raise BenchError(f"dicomfs mount: {exc}") from None

@@ -108,15 +108,24 @@ def children_cpu_seconds() -> float:
 
 def vm_hwm_mb(pid: int) -> float:
     """Peak resident set size of ``pid`` in MB (10^6 bytes)."""
+    return _status_mb(pid, "VmHWM")
+
+
+def vm_rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` now, in MB (10^6 bytes)."""
+    return _status_mb(pid, "VmRSS")
+
+
+def _status_mb(pid: int, name: str) -> float:
+    """A memory line (in kB) of ``/proc/PID/status``, in MB."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError as exc:
         raise BenchError(f"cannot read the status of the mount process {pid}: {exc}") from None
-    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    match = re.search(rf"^{name}:\s+(\d+) kB", status, re.MULTILINE)
     if not match:
-        raise BenchError(f"no VmHWM in /proc/{pid}/status")
+        raise BenchError(f"no {name} in /proc/{pid}/status")
     return int(match.group(1)) * 1024 / 1e6
-
 
 
 def tail(path: Path, lines: int = 20) -> str:
