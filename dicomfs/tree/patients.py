@@ -8,9 +8,11 @@ patients come from that one listing. On a larger one, listing everything to show
 one patient would take minutes: /patients then holds a folder per initial, ``A`` to
 ``Z``, each listing the patients whose family name starts with it (one
 ``PatientName=S*`` query, case-insensitive on most servers); an initial with more
-studies than a page holds a folder per two letters (``SA`` to ``SZ``), and so on, so
-that every folder is one page away. A patient's folder comes from its letters' listing.
-Names that start otherwise are found through /query there.
+studies than a page holds a folder per two letters (``SA`` to ``SZ``, and ``S^`` for a
+family name of one letter), and so on, so that every folder is one page away; a family
+name more common than a page goes on into the given name (``MARTIN^``, ``MARTIN^I``).
+A patient's folder comes from its letters' listing. Names that start otherwise are
+found through /query there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dicomfs.tree.studies import NamedStudyFolders, named_studies
 from dicomfs.tree.view import LIST_AHEAD_FOLDERS, Grouped, NamedView
 
 LETTERS = string.ascii_uppercase
+NEXT = LETTERS + "^"  # after the first letter: the family name may end (``MARTIN^``)
 
 
 class PatientsView(NamedView):
@@ -57,7 +60,7 @@ class PatientsView(NamedView):
             return self.memo(folder, LETTERS, lambda: {
                 group + letter: self.nodes.add(self, Kind.FOLDER, (self, group + letter),
                                                group + letter, group=group + letter)
-                for letter in LETTERS})
+                for letter in (NEXT if group else LETTERS)})
         by_patient = self._by_patient(studies)
         return self.memo(folder, studies, lambda: self._name_patients(folder, by_patient))
 

@@ -12,8 +12,8 @@ query strings included), and runs each walk on a fresh mount (``dicomfs mount``,
 * day walk: ``ls /dates``, ``ls /dates/<Y>``, ``ls /dates/<Y>/<Y-M>``, ``ls .../<Y-M-D>``,
   one after the other (a row each and a total), then the mount's RSS;
 * month: ``ls /dates/<Y>/<Y-M>`` by its full path;
-* patient: ``ls /patients/<Initial>/<Name (ID)>`` by its full path, and ``ls
-  /patients/<Initial>`` on its own mount;
+* patient: ``ls /patients/<Letters>/<Name (ID)>`` by its full path (``S/SM/...`` where an
+  initial fills a page), and ``ls /patients/<Letters>`` on its own mount;
 * /studies: seconds to the first line of ``find /studies -mindepth 1 -maxdepth 1``
   (without ``-mindepth`` its first line is /studies itself, printed before any listing;
   GNU find prints a folder's names by batches of 100,000),
@@ -183,10 +183,11 @@ class Walks:
         return row
 
 
-def pick_patient(studies: int) -> tuple[str, str, int]:
-    """A large server's initial folder and patient folder of the first patient with three
-    studies whose family name starts with A..Z (or the busiest such), and how many studies
-    that patient has."""
+def pick_patient(studies: int, page: int = 1000) -> tuple[list[str], str, int]:
+    """A large server's letter folders down to the patient folder of the first patient
+    with three studies whose family name starts with A..Z (or the busiest such), that
+    folder, and how many studies that patient has. Letters are added while the studies
+    under them fill a QIDO ``page`` (S, then SM, ...), as /patients does."""
     archive = scale_studies(studies)
     counts = Counter(s.patient_id for s in archive)
     named = {s.patient_id: s.patient_name for s in archive
@@ -197,7 +198,11 @@ def pick_patient(studies: int) -> tuple[str, str, int]:
         "00100010": {"vr": "PN", "Value": [{"Alphabetic": named[pid]}]},
         "00100020": {"vr": "LO", "Value": [pid]},
     })
-    return named[pid][0].upper(), folder, counts[pid]
+    wanted = named[pid].upper()
+    letters = [wanted[:1]]
+    while sum(s.patient_name.upper().startswith(letters[-1]) for s in archive) >= page:
+        letters.append(wanted[:len(letters) + 1])
+    return letters, folder, counts[pid]
 
 
 def measure(studies: int, args: argparse.Namespace) -> Size:
@@ -207,7 +212,8 @@ def measure(studies: int, args: argparse.Namespace) -> Size:
     archive = scale_studies(studies)
     in_day = sum(1 for s in archive if s.study_date == f"{day:%Y%m%d}")
     in_month = sum(1 for s in archive if s.study_date.startswith(f"{day:%Y%m}"))
-    initial, patient, patient_studies = pick_patient(studies)
+    letters, patient, patient_studies = pick_patient(studies)
+    under = "/".join(letters)
     say(f"preparing the archive of {studies} studies under {args.root}")
     size = Size(studies, prepare_storage(args.root, studies))
     work = args.work / str(studies)
@@ -237,11 +243,11 @@ def measure(studies: int, args: argparse.Namespace) -> Size:
                 walks.ls("month", f"ls /dates/{year}/{month} ({in_month} studies)",
                          mnt / "dates" / year / month)
             with walks.mount() as (mnt, _):
-                walks.ls("patient", f"ls '/patients/{initial}/{patient}' ({patient_studies} "
-                         "studies)", mnt / "patients" / initial / patient,
+                walks.ls("patient", f"ls '/patients/{under}/{patient}' ({patient_studies} "
+                         "studies)", mnt / "patients" / under / patient,
                          (PATIENT_REQUESTS, "requests"))
             with walks.mount() as (mnt, _):
-                walks.ls("patient", f"ls /patients/{initial}", mnt / "patients" / initial)
+                walks.ls("patient", f"ls /patients/{under}", mnt / "patients" / under)
             for step, cmd in (("find /studies -mindepth 1 -maxdepth 1 | head -1",
                                ["find", "{}", "-mindepth", "1", "-maxdepth", "1"]),
                               ("ls -1U /studies | head -1", ["ls", "-1U", "{}"]),

@@ -156,7 +156,7 @@ def test_busy_folders_are_one_page_away(scale_server: LocalOrthanc,
         assert listed == named(qido(scale_server, StudyDate=DAY.replace("-", "")),
                                names.dated_study_folder)
         letters = sorted(os.listdir(mount.path / "patients" / "S"))
-        assert letters == [f"S{letter}" for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+        assert letters == sorted(f"S{letter}" for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ^")
         mark = len(proxy.seen)
         smith = os.listdir(mount.path / "patients" / "S" / "SM")
         assert smith and all(name.upper().startswith("SM") for name in smith)

@@ -88,7 +88,7 @@ async def test_busy_folders_show_finer_folders() -> None:
     assert {"StudyDate": "20200615"} in catalog.asked
     assert len(await listed(tree, "dates", "2020", "2020-06", "2020-06-01")) == 0
     letters = await listed(tree, "patients", "S")
-    assert letters[0] == "SA" and letters[-1] == "SZ"
+    assert letters[0] == "SA" and letters[-1] == "S^" and "SZ" in letters
     assert await listed(tree, "patients", "S", "SM") == ["Smith, Ann (P1)"]
     assert len(await listed(tree, "patients", "S", "SM", "Smith, Ann (P1)")) == 2
     assert {"PatientName": "SM*"} in catalog.asked
