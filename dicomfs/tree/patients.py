@@ -39,7 +39,8 @@ class PatientsView(NamedView):
         self.scope = scope
         self.contents = contents
         self.large = False  # the last listing found the server too large to list whole
-        self._letters: dict[int, str] = {}  # a large server's patient folder -> its letters
+        # A large server's patient folder -> the query that lists it (its letters, or its ID).
+        self._lists: dict[int, dict[str, str]] = {}
         self._by_patient = Grouped(patient_key)
 
     async def names(self, folder: Node) -> dict[str, Node]:
@@ -47,10 +48,13 @@ class PatientsView(NamedView):
         self.large = few is None
         group = folder.group
         if "\n" in group:  # a patient's folder: its key
-            letters = self._letters.get(folder.inode)
-            studies = few if few is not None else \
-                await self._starting(letters) if letters is not None else None
-            if studies is None:  # made while the server was small
+            query = self._lists.get(folder.inode)
+            if few is None and query is None:  # made while the server was small
+                return {}
+            studies = few if few is not None or query is None else \
+                await self.scope.studies(query) if "PatientID" in query else \
+                await self.scope.few(query)
+            if studies is None:
                 return {}
             mine = self._by_patient(studies).get(group, [])
             return self.memo(folder, studies, lambda: named_studies(
@@ -82,8 +86,33 @@ class PatientsView(NamedView):
             child = children[name] = self.nodes.add(self, Kind.FOLDER, (self, folder.group, key),
                                                     name, group=key)
             if folder.group:
-                self._letters[child.inode] = folder.group
+                self._lists[child.inode] = {"PatientName": f"{folder.group}*"}
         return children
+
+    async def lookup(self, folder: Node, name: str) -> Node | None:
+        """A patient's folder looked up by its path in a letters folder not listed yet is
+        found by the ID in its name, with one query whatever the server's size (a very
+        common family name would otherwise cost a page per letter on the way)."""
+        if self.large and folder.group and "\n" not in folder.group and \
+                folder.inode not in self._named:
+            found = await self._by_id(folder, name)
+            if found is not None:
+                return found
+        return await super().lookup(folder, name)
+
+    async def _by_id(self, folder: Node, name: str) -> Node | None:
+        _, paren, tail = name.rpartition(" (")
+        if not paren or not tail.endswith(")") or name[:1].upper() != folder.group[:1]:
+            return None
+        query = {"PatientID": tail[:-1]}
+        studies = await self.scope.studies(query)
+        for key, mine in Grouped(patient_key)(studies).items():
+            if names.patient_folder(mine[0]) == name:
+                node = self.nodes.add(self, Kind.FOLDER, (self, folder.group, key), name,
+                                      group=key)
+                self._lists[node.inode] = query
+                return node
+        return None
 
     async def _starting(self, letters: str) -> list[Dataset] | None:
         """The studies of the patients whose family name starts with ``letters``, if they

@@ -161,3 +161,12 @@ def test_busy_folders_are_one_page_away(scale_server: LocalOrthanc,
         smith = os.listdir(mount.path / "patients" / "S" / "SM")
         assert smith and all(name.upper().startswith("SM") for name in smith)
         assert {query.get("PatientName") for query in searches(proxy, mark)} <= {"SM*"}
+        # A patient by path, its letters never listed: one search, by the ID in its name.
+        patient = qido(scale_server, PatientName="T*")[0]
+        folder = names.patient_folder(patient)
+        mark = len(proxy.seen)
+        assert named(qido(scale_server, PatientID=dicomjson.text(patient, dicomjson.PATIENT_ID)
+                          or ""), names.study_folder) == \
+            sorted(os.listdir(mount.path / "patients" / "T" / folder))
+        assert searches(proxy, mark) == [{"PatientID": dicomjson.text(
+            patient, dicomjson.PATIENT_ID) or "", "limit": "20", "offset": "0"}]

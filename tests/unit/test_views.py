@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from dicomfs.tree import Node, Tree
 from tests.support.catalog import FakeCatalog, fake_study
 
@@ -100,3 +102,19 @@ async def test_the_scope_narrows_large_server_queries() -> None:
     assert len(await listed(tree, "dates", "2020", "2020-06", "2020-06-15")) == 1
     assert {"PatientID": "P1", "StudyDate": "20200615"} in catalog.asked
     assert all(query.get("PatientID") == "P1" for query in catalog.asked)
+
+
+async def test_a_patient_by_path_costs_one_query_for_its_id() -> None:
+    """On a large server a patient's folder looked up by path is found by the ID in its
+    name, whatever the letters in between would cost to list."""
+    catalog = FakeCatalog(STUDIES, page_size=3)
+    tree = Tree(catalog)
+    await listed(tree, "patients")
+    asked = len(catalog.asked)
+    studies = await listed(tree, "patients", "S", "Smith, Ann (P1)")
+    assert studies == ["2020-06-15 (no description)", "2020-06-16 (no description)"]
+    assert {tuple(query.items()) for query in catalog.asked[asked:]} == {(("PatientID", "P1"),)}
+    with pytest.raises(FileNotFoundError):  # not under another initial
+        await walk(tree, "patients", "A", "Smith, Ann (P1)")
+    with pytest.raises(FileNotFoundError):  # the ID and the name must agree
+        await walk(tree, "patients", "S", "Smith, Ann (P3)")
