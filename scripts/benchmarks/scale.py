@@ -13,7 +13,8 @@ query strings included), and runs each walk on a fresh mount (``dicomfs mount``,
   one after the other (a row each and a total), then the mount's RSS;
 * month: ``ls /dates/<Y>/<Y-M>`` by its full path;
 * patient: ``ls /patients/<Letters>/<Name (ID)>`` by its full path (``S/SM/...`` where an
-  initial fills a page), and ``ls /patients/<Letters>`` on its own mount;
+  initial fills a page), ``ls /patients/<Initial>/<Name (ID)>`` (found by its ID), and
+  ``ls /patients/<Letters>`` on its own mount;
 * /studies: seconds to the first line of ``find /studies -mindepth 1 -maxdepth 1``
   (without ``-mindepth`` its first line is /studies itself, printed before any listing;
   GNU find prints a folder's names by batches of 100,000),
@@ -246,6 +247,9 @@ def measure(studies: int, args: argparse.Namespace) -> Size:
                 walks.ls("patient", f"ls '/patients/{under}/{patient}' ({patient_studies} "
                          "studies)", mnt / "patients" / under / patient,
                          (PATIENT_REQUESTS, "requests"))
+            with walks.mount() as (mnt, _):
+                walks.ls("patient", f"ls '/patients/{letters[0]}/{patient}' (by its ID)",
+                         mnt / "patients" / letters[0] / patient, (PATIENT_REQUESTS, "requests"))
             with walks.mount() as (mnt, _):
                 walks.ls("patient", f"ls /patients/{under}", mnt / "patients" / under)
             for step, cmd in (("find /studies -mindepth 1 -maxdepth 1 | head -1",
