@@ -113,7 +113,7 @@ class Entries:
             self.nodes.extend(new)
             if self.seen is not None:
                 await self.seen(new)
-            if arriving.done:
+            if arriving.done and arriving.error is None:  # a failed one says so next time
                 self.close()
         return self.nodes[start:]
 

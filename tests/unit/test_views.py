@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from dicomfs.tree import Node, Tree
+from dicomfs.errors import Unreachable
+from dicomfs.listings import Arriving
+from dicomfs.tree import Entries, Node, Tree
 from tests.support.catalog import FakeCatalog, fake_study
 
 STUDIES = [
@@ -118,3 +120,18 @@ async def test_a_patient_by_path_costs_one_query_for_its_id() -> None:
         await walk(tree, "patients", "A", "Smith, Ann (P1)")
     with pytest.raises(FileNotFoundError):  # the ID and the name must agree
         await walk(tree, "patients", "S", "Smith, Ann (P3)")
+
+
+async def test_a_listing_that_breaks_midway_is_no_shorter_listing() -> None:
+    """The pages that arrived are shown; then the folder's read fails, never ends as if
+    the listing were whole."""
+    arriving = Arriving()
+    arriving.follow()
+    arriving.add([fake_study("1.1"), fake_study("1.2")])
+    arriving.finish(Unreachable("the server went away"))
+    tree = Tree(FakeCatalog([]))
+    studies = await walk(tree, "studies")
+    entries = Entries([], arriving, lambda ds: tree.nodes.study(tree.root.view, studies, ds))
+    assert [node.name for node in await entries.after(0)] == ["1.1", "1.2"]
+    with pytest.raises(Unreachable):
+        await entries.after(2)
