@@ -345,6 +345,7 @@ class Listings:
         """Bring a study listing in page by page; complete, it is kept like any other.
         Offline before its first page, a saved copy of any age stands in."""
         error: DicomfsError | None = None
+        fetched = True  # False: the saved copy stands in, and keeps its age
         with arriving.scope:
             try:
                 while True:
@@ -359,6 +360,7 @@ class Listings:
                 else:
                     log.warning("serving a saved listing (%s)", exc)
                     arriving.items = await self._remember(name, saved[0])
+                    fetched = False
             except DicomfsError as exc:
                 error = exc
             finally:
@@ -368,7 +370,7 @@ class Listings:
                     del self._arriving[name]
         if arriving.scope.cancelled_caught:
             error = error or DicomfsError("stopped: nobody follows the listing any more")
-        elif error is None:
+        elif error is None and fetched:
             self._listings[name] = arriving.items
             await trio.to_thread.run_sync(
                 lambda: self.store.save_listing(name, json.dumps(arriving.items).encode()))

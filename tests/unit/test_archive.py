@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -61,3 +62,22 @@ async def test_a_listing_is_never_empty_because_its_ttl_ran_out(tmp_path: Path) 
     assert [dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in found] == [STUDY]
 
 
+
+
+async def test_a_saved_listing_standing_in_offline_keeps_its_age(tmp_path: Path) -> None:
+    """Offline, an old saved listing is served; it must not come back as a young one
+    (which would keep later mounts from asking the server for a TTL)."""
+    store = Store(tmp_path / "cache")
+    name = "studies?[]"
+    store.save_listing(name, json.dumps([element(dicomjson.STUDY_UID, STUDY)]).encode())
+    old = time.time() - 3600
+    path = store._listing_path(name)
+    os.utime(path, (old, old))
+    config = ClientConfig(base_url="http://127.0.0.1:9", retries=0, connect_timeout=2.0)
+    async with DicomwebClient(config) as client, trio.open_nursery() as running:
+        archive = Archive(client, store)
+        await running.start(archive.run)
+        found = await archive.studies()
+        running.cancel_scope.cancel()
+    assert [dicomjson.uid(ds, dicomjson.STUDY_UID) for ds in found] == [STUDY]
+    assert path.stat().st_mtime == old
