@@ -48,8 +48,7 @@ class Arriving:
     """
 
     def __init__(self, items: list[Dataset] | None = None) -> None:
-        self.items: list[Dataset] = items or []
-        self.pages = 0
+        self.items: list[Dataset] = items if items is not None else []
         self.done = items is not None
         self.error: DicomfsError | None = None
         self.followers = 0
@@ -58,17 +57,16 @@ class Arriving:
 
     def add(self, page: list[Dataset]) -> None:
         self.items.extend(page)
-        self.pages += 1
         self._wake()
 
     def finish(self, error: DicomfsError | None = None) -> None:
         self.done, self.error = True, error
         self._wake()
 
-    async def wait(self, *, beyond: int = 0, pages: int = 0) -> None:
-        """Until more than ``beyond`` items and at least ``pages`` pages have arrived, or
-        the end; the listing's error, if it failed."""
-        while not self.done and (len(self.items) <= beyond or self.pages < pages):
+    async def wait(self, *, beyond: int = 0) -> None:
+        """Until more than ``beyond`` items have arrived, or the end; the listing's error,
+        if it failed."""
+        while not self.done and len(self.items) <= beyond:
             await self._changed.wait()
         if self.error is not None and len(self.items) <= beyond:
             raise copy.copy(self.error)
@@ -124,8 +122,7 @@ class Listings:
         everything would take minutes. One request, which on a small server is the
         listing itself; a server found large stays so for the mount's life.
         """
-        items = sorted(dict(query).items()) if query else []
-        name = f"studies?{items}"
+        items, name = _study_listing(query)
         if name in self._large:
             return None
 
@@ -148,8 +145,7 @@ class Listings:
         """The studies ``query`` finds, as they arrive: done at once from memory or a
         young saved copy, else page by page from the server (one transfer however many
         follow it). The caller follows it and must :meth:`Arriving.leave` it."""
-        items = sorted(dict(query).items()) if query else []
-        name = f"studies?{items}"
+        items, name = _study_listing(query)
         arriving = self._arriving.get(name)
         if arriving is None or arriving.scope.cancel_called:
             cached = self._listings.get(name)
@@ -355,7 +351,7 @@ class Listings:
                         break
                     arriving.add(page)
             except OFFLINE_ERRORS as exc:
-                if saved is None or arriving.pages:
+                if saved is None or arriving.items:
                     error = exc
                 else:
                     log.warning("serving a saved listing (%s)", exc)
@@ -376,3 +372,8 @@ class Listings:
                 lambda: self.store.save_listing(name, json.dumps(arriving.items).encode()))
         arriving.finish(error)
 
+
+def _study_listing(query: Query) -> tuple[list[tuple[str, str]], str]:
+    """A study search's parameters in a stable order, and the name it is kept under."""
+    items = sorted(dict(query).items()) if query else []
+    return items, f"studies?{items}"

@@ -38,12 +38,10 @@ class DatesView(NamedView):
         super().__init__(nodes)
         self.scope = scope
         self.contents = contents
-        self.large = False  # the last listing found the server too large to list whole
         self._by_day = Grouped(_day)
 
     async def names(self, folder: Node) -> dict[str, Node]:
         few = await self.scope.few()
-        self.large = few is None
         if few is None:
             return await self._by_query(folder)
         by_day = self._by_day(few)
@@ -58,7 +56,7 @@ class DatesView(NamedView):
              for day in by_day if day.startswith(prefix)}))
 
     def lists_ahead(self, folder: Node) -> bool:
-        return not self.large
+        return not self.scope.large
 
     async def list_ahead(self, folder: Node) -> None:
         few = await self.scope.few()

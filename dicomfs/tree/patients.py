@@ -38,38 +38,32 @@ class PatientsView(NamedView):
         super().__init__(nodes)
         self.scope = scope
         self.contents = contents
-        self.large = False  # the last listing found the server too large to list whole
         # A large server's patient folder -> the query that lists it (its letters, or its ID).
         self._lists: dict[int, dict[str, str]] = {}
         self._by_patient = Grouped(patient_key)
 
     async def names(self, folder: Node) -> dict[str, Node]:
         few = await self.scope.few()
-        self.large = few is None
         group = folder.group
         if "\n" in group:  # a patient's folder: its key
             query = self._lists.get(folder.inode)
             if few is None and query is None:  # made while the server was small
                 return {}
-            studies = few if few is not None or query is None else \
-                await self.scope.studies(query) if "PatientID" in query else \
-                await self.scope.few(query)
-            if studies is None:
-                return {}
+            studies = few if few is not None else await self.scope.studies(query)
             mine = self._by_patient(studies).get(group, [])
             return self.memo(folder, studies, lambda: named_studies(
                 self.contents, folder, mine, names.study_folder))
-        studies = few if few is not None else await self._starting(group) if group else None
-        if studies is None:  # /patients, or letters with more than a page: a letter more
+        listed = few if few is not None else await self._starting(group) if group else None
+        if listed is None:  # /patients, or letters with more than a page: a letter more
             return self.memo(folder, LETTERS, lambda: {
                 group + letter: self.nodes.add(self, Kind.FOLDER, (self, group + letter),
                                                group + letter, group=group + letter)
                 for letter in (NEXT if group else LETTERS)})
-        by_patient = self._by_patient(studies)
-        return self.memo(folder, studies, lambda: self._name_patients(folder, by_patient))
+        by_patient = self._by_patient(listed)
+        return self.memo(folder, listed, lambda: self._name_patients(folder, by_patient))
 
     def lists_ahead(self, folder: Node) -> bool:
-        return not self.large
+        return not self.scope.large
 
     async def list_ahead(self, folder: Node) -> None:
         few = await self.scope.few()
@@ -93,7 +87,7 @@ class PatientsView(NamedView):
         """A patient's folder looked up by its path in a letters folder not listed yet is
         found by the ID in its name, with one query whatever the server's size (a very
         common family name would otherwise cost a page per letter on the way)."""
-        if self.large and folder.group and "\n" not in folder.group and \
+        if self.scope.large and folder.group and "\n" not in folder.group and \
                 folder.inode not in self._named:
             found = await self._by_id(folder, name)
             if found is not None:
@@ -105,11 +99,10 @@ class PatientsView(NamedView):
         if not paren or not tail.endswith(")") or name[:1].upper() != folder.group[:1]:
             return None
         query = {"PatientID": tail[:-1]}
-        studies = await self.scope.studies(query)
-        for key, mine in Grouped(patient_key)(studies).items():
-            if names.patient_folder(mine[0]) == name:
-                node = self.nodes.add(self, Kind.FOLDER, (self, folder.group, key), name,
-                                      group=key)
+        for ds in await self.scope.studies(query):
+            if names.patient_folder(ds) == name:
+                node = self.nodes.add(self, Kind.FOLDER, (self, folder.group, patient_key(ds)),
+                                      name, group=patient_key(ds))
                 self._lists[node.inode] = query
                 return node
         return None
